@@ -1,0 +1,82 @@
+"""Building blocks shared by the vision tower and the language model: RMSNorm, dense,
+gated-SiLU MLP, the one attention function, and remat policies for scanned layers."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then scale (as HF)."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + eps)).astype(dtype)
+    return scale.astype(dtype) * y
+
+
+def dense(x: jax.Array, p: Params, dtype=None) -> jax.Array:
+    """``x @ kernel (+ bias)``; kernels are stored ``[in, out]``."""
+    dtype = dtype or x.dtype
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def gated_mlp(x: jax.Array, p: Params, dtype=None) -> jax.Array:
+    """down(silu(gate(x)) * up(x)), with or without biases (whatever ``p`` holds)."""
+    return dense(jax.nn.silu(dense(x, p["gate_proj"], dtype)) * dense(x, p["up_proj"], dtype),
+                 p["down_proj"], dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+              implementation: str | None = None) -> jax.Array:
+    """Scaled dot-product attention, the one place every attention goes through.
+
+    q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] with Hq a multiple of Hkv (GQA is handled by
+    ``jax.nn.dot_product_attention``); mask: boolean, broadcastable to [B, Hq, Sq, Sk]
+    (True = attend). ``implementation``: None/"xla" (XLA), "cudnn" (flash attention on
+    GPU), or "reference" (plain einsum softmax, fp32 accumulation). Rows that attend to
+    nothing yield zeros under "reference" and are the caller's responsibility otherwise.
+    """
+    if implementation in (None, "xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if implementation != "reference":
+        raise ValueError(f"unknown attention implementation {implementation!r}")
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, sq, hkv, hq // hkv, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(d))
+    if mask is not None:
+        m = jnp.broadcast_to(mask, (b, hq, sq, k.shape[1])).reshape(b, hkv, hq // hkv, sq, -1)
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    w = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        w = jnp.where(m, w, 0.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", w.astype(v.dtype), v)
+    return out.reshape(b, sq, hq, d)
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """Wraps a scanned layer body in ``jax.checkpoint`` with the named policy."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose from {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny Qwen2.5-VL HF directories built locally (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from ilvr_jax.tiny import TINY_SHAPES, build_tiny_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Builds (once per session) and returns a function ``shape -> HF directory``."""
+    cache: dict[str, str] = {}
+
+    def get(shape: str = "untied_gqa2", **kw) -> str:
+        key = shape + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+        if key not in cache:
+            cache[key] = build_tiny_model_dir(str(tmp_path_factory.mktemp(key)), shape, **kw)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_dirs):
+    """The default tiny model directory (untied head, GQA, windowed + full vision blocks)."""
+    return tiny_dirs("untied_gqa2")
+
+
+@pytest.fixture(params=sorted(TINY_SHAPES))
+def tiny_shape(request):
+    return request.param
