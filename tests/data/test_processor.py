@@ -1,0 +1,156 @@
+"""Image preprocessing and prompt ids against HF's Qwen2VLImageProcessorPil + Qwen2_5_VLProcessor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ilvr_jax.data import processor as P
+from ilvr_jax.tiny import build_tokenizer, image_processor_config
+
+MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 64 * 28 * 28
+CFG = P.ImageProcessorConfig(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
+def hf_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
+def hf_processor(tokenizer):
+    """Qwen2_5_VLProcessor on the slow image processor (no video processor: torchvision is absent)."""
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+
+    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyProcessor(
+        image_processor=hf_image_processor(), tokenizer=tokenizer, video_processor=None,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def random_image(h, w, mode="RGB", seed=0):
+    rng = np.random.RandomState(seed + h * 1000 + w)
+    if mode == "L":
+        return Image.fromarray(rng.randint(0, 256, (h, w), dtype=np.uint8), "L")
+    ch = 4 if mode == "RGBA" else 3
+    return Image.fromarray(rng.randint(0, 256, (h, w, ch), dtype=np.uint8), mode)
+
+
+# (height, width): tiny (< min_pixels), odd aspect, above max_pixels, exact multiples of 28,
+# a rounding-half case and a tall strip.
+SIZES = [(10, 12), (37, 301), (301, 37), (640, 480), (56, 84), (112, 112), (42, 70), (900, 30)]
+
+
+@pytest.mark.parametrize("hw", SIZES)
+def test_smart_resize_matches_hf(hw):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    h, w = hw
+    assert P.smart_resize(h, w, 28, MIN_PIXELS, MAX_PIXELS) == hf_smart_resize(
+        h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
+    )
+
+
+@pytest.mark.parametrize("hw", SIZES)
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_pixels_and_grid_match_hf(hw, mode):
+    h, w = hw
+    img = random_image(h, w, mode)
+    ref = hf_image_processor()(images=[img], return_tensors="np")
+    pv, grid = P.preprocess_image(img, CFG)
+    assert grid == tuple(int(x) for x in ref["image_grid_thw"][0])
+    assert pv.dtype == np.float32 and pv.shape == ref["pixel_values"].shape
+    np.testing.assert_allclose(pv, ref["pixel_values"], rtol=0, atol=1e-6)
+    t, gh, gw = grid
+    rh, rw = gh * 14, gw * 14
+    assert rh % 28 == 0 and rw % 28 == 0
+    assert MIN_PIXELS <= rh * rw <= MAX_PIXELS
+    assert P.image_grid_thw(h, w, CFG) == grid
+
+
+def test_patch_layout_by_hand():
+    """An independent transcription of the layout: row r of the patches is merge group
+    (r // 4), position (r % 4) = (mr, mc) within it; the row is (C, T, 14, 14) flattened."""
+    img = random_image(56, 84)
+    pv, (t, gh, gw) = P.preprocess_image(img, CFG)
+    x = np.asarray(img.resize((84, 56), Image.Resampling.BICUBIC), np.float64) / 255.0
+    x = ((x - np.asarray(P.CLIP_MEAN)) / np.asarray(P.CLIP_STD)).astype(np.float32)
+    rows = []
+    for bh in range(gh // 2):
+        for bw in range(gw // 2):
+            for mr in range(2):
+                for mc in range(2):
+                    r0, c0 = (2 * bh + mr) * 14, (2 * bw + mc) * 14
+                    patch = x[r0:r0 + 14, c0:c0 + 14, :].transpose(2, 0, 1)  # [C, 14, 14]
+                    rows.append(np.stack([patch, patch], axis=1).reshape(-1))  # [C, T, 14, 14]
+    np.testing.assert_allclose(pv, np.stack(rows), atol=1e-5)
+
+
+def test_multi_image_concat_matches_hf():
+    imgs = [random_image(37, 301), random_image(10, 12), random_image(640, 480)]
+    ref = hf_image_processor()(images=imgs, return_tensors="np")
+    pv, grids = P.preprocess_images(imgs, CFG)
+    np.testing.assert_array_equal(grids, ref["image_grid_thw"])
+    np.testing.assert_allclose(pv, ref["pixel_values"], atol=1e-6, rtol=0)
+    pv0, g0 = P.preprocess_images([], CFG)
+    assert pv0.shape == (0, CFG.patch_dim) and g0.shape == (0, 3)
+
+
+def test_config_from_hf(tmp_path):
+    import json
+
+    d = image_processor_config(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(d))
+    cfg = P.ImageProcessorConfig.from_hf(tmp_path)
+    assert cfg == CFG
+    assert cfg.patch_dim == 1176
+    legacy = {"min_pixels": 100 * 28 * 28, "max_pixels": 200 * 28 * 28}
+    assert P.ImageProcessorConfig.from_hf(legacy).max_pixels == 200 * 28 * 28
+
+
+@pytest.mark.parametrize("sizes", [[], [(37, 301)], [(56, 84), (10, 12)], [(640, 480), (112, 112), (42, 70)]])
+def test_prompt_ids_match_hf_processor(tokenizer, sizes):
+    imgs = [random_image(h, w) for h, w in sizes]
+    question = "Which shape is red? A. square B. circle"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": question}]}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    if imgs:
+        ref = hf_processor(tokenizer)(text=[text], images=imgs, return_tensors="np")
+        grids = [tuple(int(v) for v in g) for g in P.preprocess_images(imgs, CFG)[1]]
+    else:
+        ref = tokenizer([text], return_tensors="np")
+        grids = []
+    ids = P.build_prompt_ids(tokenizer, question, grids)
+    assert ids == ref["input_ids"][0].tolist()
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert ids.count(pad) == sum(P.num_image_tokens(g) for g in grids)
+
+
+def test_missing_special_token_is_a_clear_error():
+    tok = build_tokenizer(latent_tokens=False)
+    with pytest.raises(ValueError, match="no token '<\\|latent_pad\\|>'"):
+        P.special_token_id(tok, "<|latent_pad|>")
+
+
+def test_expand_image_pads_counts():
+    assert P.expand_image_pads([1, 9, 2, 9], 9, [2, 3]) == [1, 9, 9, 2, 9, 9, 9]
+    with pytest.raises(ValueError):
+        P.expand_image_pads([1, 9, 2], 9, [2, 3])
+    with pytest.raises(ValueError):
+        P.expand_image_pads([9, 9], 9, [2])
