@@ -1,0 +1,319 @@
+"""Qwen2.5-VL vision tower: patch embedding, 2-D rotary ViT with window attention, 2x2 merger.
+
+Pure functions over the ``params["visual"]`` subtree (see ``init_vision_params``). Inputs are
+per sample so the batch axis shards:
+
+* ``pixel_values [B, P, patch_dim]`` float32: the patches of all images of a sample,
+  concatenated in the HF image processor's order and zero-padded to ``P`` (a multiple of 4).
+* ``grid_thw [B, I, 3]`` int32: (t, h, w) patch grid of each image; rows of zeros = no image.
+
+Inside an image HF orders patches as ``(t, h/2, w/2, 2, 2)``: every 4 consecutive patches form
+one 2x2 merge unit, and merge units run row-major over the ``(h/2, w/2)`` LLM grid. Every
+per-patch quantity (image, frame, row, column, window) is computed from ``grid_thw`` with
+cumsum / comparison ops, so the whole tower is jit-compatible with fixed shapes.
+
+HF's window attention reorders merge units into windows of
+``window_size // spatial_merge_size // patch_size`` merge units per side, attends inside each
+window and reverses the order. Attention is permutation-equivariant, so here the same result
+comes from a block-diagonal mask on window ids, with patches left in processor order. Blocks in
+``fullatt_block_indexes`` attend within their own frame of their own image (HF's
+``cu_seqlens``: one segment per frame; an image has one frame). A padding patch attends only to
+itself, so it never touches real patches and never produces an all-masked row (NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ilvr_jax import sharding
+from ilvr_jax.model import layers
+from ilvr_jax.model.config import VisionConfig
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- layout helpers
+def merged_token_counts(grid_thw: jax.Array, merge_size: int) -> jax.Array:
+    """Merged (LLM) tokens per image: ``t * h * w // merge_size**2``; ``[..., I]`` int32.
+
+    ``merge_size`` is the spatial merge size (2 for Qwen2.5-VL, i.e. 4 patches per token).
+    """
+    g = jnp.asarray(grid_thw).astype(jnp.int32)
+    return g[..., 0] * g[..., 1] * g[..., 2] // (merge_size * merge_size)
+
+
+def _segment_index(offsets_end: jax.Array, positions: jax.Array) -> jax.Array:
+    """For each position, the index of the segment it falls in, given per-segment exclusive
+    cumulative ends ``[B, I]``: ``#{k : ends[k] <= pos}`` (= I past the last segment).
+    Empty segments (end == start) are skipped, as searchsorted(side="right") would."""
+    return jnp.sum(positions[None, :, None] >= offsets_end[:, None, :], axis=-1).astype(jnp.int32)
+
+
+def merged_token_image_ids(grid_thw: jax.Array, num_tokens: int, merge_size: int) -> jax.Array:
+    """Image index of each merged token of a sample, ``[B, num_tokens]`` int32; -1 past the
+    sample's real tokens. Token ``n`` of sample ``b`` belongs to image ``k`` when
+    ``cum[k-1] <= n < cum[k]`` with ``cum = cumsum(merged_token_counts)``."""
+    ends = jnp.cumsum(merged_token_counts(grid_thw, merge_size), axis=-1)
+    img = _segment_index(ends, jnp.arange(num_tokens, dtype=jnp.int32))
+    return jnp.where(img < ends.shape[-1], img, -1)
+
+
+def _exclusive_cumsum(x: jax.Array) -> jax.Array:
+    return jnp.cumsum(x, axis=-1) - x
+
+
+def patch_layout(cfg: VisionConfig, grid_thw: jax.Array, num_patches: int) -> dict[str, jax.Array]:
+    """Per-patch coordinates and attention segment ids for ``P = num_patches`` patches.
+
+    Returns ``[B, P]`` int32 arrays (bool for ``valid``):
+      image:  image index within the sample (I past the real patches)
+      valid:  patch belongs to an image
+      row, col: patch coordinates in the image's ``(h, w)`` patch grid (HF rotary positions)
+      frame_id: unique per (image, frame) within the sample: full-attention segments
+      window_id: unique per (image, frame, window) within the sample: window segments
+    Padding patches get ``frame_id = window_id = -1 - p`` (unique), so they form singleton
+    segments.
+    """
+    g = jnp.asarray(grid_thw).astype(jnp.int32)
+    t, h, w = g[..., 0], g[..., 1], g[..., 2]  # [B, I]
+    m = cfg.spatial_merge_size
+    n_img = t * h * w
+    ends = jnp.cumsum(n_img, axis=-1)
+    starts = ends - n_img
+    num_images = g.shape[-2]
+    p = jnp.arange(num_patches, dtype=jnp.int32)
+    img = _segment_index(ends, p)  # [B, P]
+    valid = img < num_images
+    k = jnp.minimum(img, num_images - 1)
+
+    def per_patch(a):  # [B, I] -> [B, P], the value of the patch's image
+        return jnp.take_along_axis(a, k, axis=-1)
+
+    pt, ph, pw = per_patch(t), per_patch(h), per_patch(w)
+    local = p[None, :] - per_patch(starts)
+    hw = jnp.maximum(ph * pw, 1)
+    frame = local // hw
+    r = local % hw
+    unit, sub = r // (m * m), r % (m * m)
+    llm_w = jnp.maximum(pw // m, 1)
+    llm_row, llm_col = unit // llm_w, unit % llm_w
+    row = llm_row * m + sub // m
+    col = llm_col * m + sub % m
+
+    # Window layout as HF's get_vision_window_index: the LLM grid is padded up to the next
+    # multiple of the window side (a whole extra window when already a multiple, which stays
+    # empty); windows run row-major per frame.
+    ws = cfg.window_size // m // cfg.patch_size
+    if ws < 1:
+        raise ValueError(f"window_size {cfg.window_size} is smaller than one merge unit")
+    nwh = (h // m) // ws + 1
+    nww = (w // m) // ws + 1
+    windows_per_image = t * nwh * nww
+    win_local = (frame * per_patch(nwh) + llm_row // ws) * per_patch(nww) + llm_col // ws
+    window_id = per_patch(_exclusive_cumsum(windows_per_image)) + win_local
+    frame_id = per_patch(_exclusive_cumsum(t)) + frame
+
+    pad_id = -1 - p[None, :]
+    zero = jnp.zeros_like(row)
+    return {
+        "image": img,
+        "valid": valid,
+        "row": jnp.where(valid, row, zero),
+        "col": jnp.where(valid, col, zero),
+        "frame_id": jnp.where(valid, frame_id, pad_id),
+        "window_id": jnp.where(valid, window_id, pad_id),
+    }
+
+
+# ----------------------------------------------------------------------------- rotary
+def rotary_inv_freq(cfg: VisionConfig) -> jax.Array:
+    """``1 / theta^(2i / (head_dim/2))`` for i < head_dim/4: one set shared by rows and columns."""
+    spatial_dim = cfg.head_dim // 2
+    return 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial_dim, 2, dtype=jnp.float32) / spatial_dim))
+
+
+def rotary_tables(cfg: VisionConfig, row: jax.Array, col: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """2-D rotary cos/sin ``[..., head_dim]`` (fp32) for patch coordinates ``row``, ``col``.
+
+    Angles are ``[row * f, col * f]`` (head_dim/2) repeated twice, matching HF's
+    ``cat([freq_h, freq_w, freq_h, freq_w])`` used with ``rotate_half``.
+    """
+    inv = rotary_inv_freq(cfg)
+    ang = jnp.concatenate([row[..., None].astype(jnp.float32) * inv,
+                           col[..., None].astype(jnp.float32) * inv], axis=-1)
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin`` in fp32, cast back (as HF). x: [B, P, H, D]; cos/sin [B, P, D]."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * cos[:, :, None, :] + _rotate_half(x32) * sin[:, :, None, :]
+    return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- block, merger
+def segment_mask(ids: jax.Array) -> jax.Array:
+    """Block-diagonal attention mask ``[B, 1, P, P]``: patch q attends to k iff same segment id."""
+    return (ids[:, :, None] == ids[:, None, :])[:, None]
+
+
+def vision_block(p: Params, cfg: VisionConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 mask: jax.Array, *, attn_impl: str | None = None) -> jax.Array:
+    """One pre-norm ViT block (params of a single layer, no leading axis):
+
+    ``x = x + proj(attn(rope(q), rope(k), v; mask))`` with q, k, v from ``qkv(norm1(x))``;
+    ``x = x + down(silu(gate(norm2(x))) * up(norm2(x)))``. x: [B, P, Dv].
+    """
+    b, n, d = x.shape
+    heads = cfg.num_heads
+    eps = 1e-6  # HF builds the block norms with a fixed eps
+    hn = layers.rms_norm(x, p["norm1"]["scale"], eps)
+    qkv = layers.dense(hn, p["attn"]["qkv"])
+    # HF splits the fused output as (3, heads, head_dim).
+    qkv = qkv.reshape(b, n, 3, heads, cfg.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = sharding.constrain(apply_rotary(q, cos, sin), ("batch", "patches", "act_heads", None))
+    k = sharding.constrain(apply_rotary(k, cos, sin), ("batch", "patches", "act_heads", None))
+    v = sharding.constrain(v, ("batch", "patches", "act_heads", None))
+    o = layers.attention(q, k, v, mask, attn_impl).reshape(b, n, d)
+    x = x + layers.dense(o, p["attn"]["proj"])
+    x = sharding.constrain(x, ("batch", "patches", "act_embed"))
+    x = x + layers.gated_mlp(layers.rms_norm(x, p["norm2"]["scale"], eps), p["mlp"])
+    return sharding.constrain(x, ("batch", "patches", "act_embed"))
+
+
+def merger(p: Params, cfg: VisionConfig, x: jax.Array) -> jax.Array:
+    """2x2 patch merger: ``fc2(gelu(fc1(concat4(ln_q(x)))))``, [B, P, Dv] -> [B, P/4, Dout].
+
+    ``concat4`` joins each merge unit's 4 consecutive patches; GELU is the exact (erf) form
+    (torch ``nn.GELU()``); ln_q is an RMSNorm with eps 1e-6.
+    """
+    b, n, d = x.shape
+    u = cfg.merge_unit
+    y = layers.rms_norm(x, p["ln_q"]["scale"], 1e-6).reshape(b, n // u, u * d)
+    y = jax.nn.gelu(layers.dense(y, p["fc1"]), approximate=False)
+    y = sharding.constrain(y, ("batch", "patches", "act_mlp"))
+    return layers.dense(y, p["fc2"])
+
+
+# ----------------------------------------------------------------------------- tower
+def vision_forward(params_visual: Params, cfg: VisionConfig, pixel_values: jax.Array,
+                   grid_thw: jax.Array, *, dtype=jnp.float32, remat_policy: str = "none",
+                   attn_impl: str | None = None) -> jax.Array:
+    """Merged vision tokens ``[B, P // 4, out_hidden_size]`` (in ``dtype``) of each sample.
+
+    The tokens of image k of a sample sit at offsets ``cumsum(merged_token_counts)``; rows past
+    the sample's real tokens are zero. The patch embedding (HF's Conv3d with stride = kernel)
+    is an fp32 matmul over the flattened patch (channel, time, row, col order, as HF's
+    ``view(-1, C, T, P, P)``); the blocks run in ``dtype`` under ``lax.scan``.
+    """
+    b, n, pd = pixel_values.shape
+    if pd != cfg.patch_dim:
+        raise ValueError(f"pixel_values last dim {pd} != patch_dim {cfg.patch_dim}")
+    if n % cfg.merge_unit:
+        raise ValueError(f"number of patches {n} is not a multiple of {cfg.merge_unit}")
+    lay = patch_layout(cfg, grid_thw, n)
+    cos, sin = rotary_tables(cfg, lay["row"], lay["col"])
+
+    x = jnp.einsum("bpi,io->bpo", pixel_values.astype(jnp.float32),
+                   params_visual["patch_embed"]["kernel"].astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    x = sharding.constrain(x.astype(dtype), ("batch", "patches", "act_embed"))
+
+    is_full = jnp.zeros((cfg.depth,), bool)
+    if cfg.fullatt_block_indexes:
+        is_full = is_full.at[jnp.asarray(cfg.fullatt_block_indexes)].set(True)
+    blocks = jax.tree.map(lambda a: a.astype(dtype), params_visual["blocks"])
+
+    def body(h, xs):
+        p_layer, full = xs
+        # Segment ids for this layer: per frame (full attention) or per window.
+        ids = jnp.where(full, lay["frame_id"], lay["window_id"])
+        return vision_block(p_layer, cfg, h, cos, sin, segment_mask(ids), attn_impl=attn_impl), None
+
+    x, _ = jax.lax.scan(layers.remat(body, remat_policy), x, (blocks, is_full))
+
+    merger_params = jax.tree.map(lambda a: a.astype(dtype), params_visual["merger"])
+    out = merger(merger_params, cfg, x)
+    total = jnp.sum(merged_token_counts(grid_thw, cfg.spatial_merge_size), axis=-1)  # [B]
+    real = jnp.arange(n // cfg.merge_unit)[None, :] < total[:, None]
+    out = jnp.where(real[..., None], out, jnp.zeros((), out.dtype))
+    return sharding.constrain(out, ("batch", "patches", "act_embed"))
+
+
+# ----------------------------------------------------------------------------- params
+# Standard deviation of a unit normal truncated to [-2, 2]; dividing by it gives kernels the
+# requested standard deviation.
+_TRUNC_STD = 0.87962566
+
+
+def _normal(rng, shape, dtype, std=0.02):
+    x = jax.random.truncated_normal(rng, -2.0, 2.0, shape, jnp.float32)
+    return (x * (std / _TRUNC_STD)).astype(dtype)
+
+
+def init_vision_params(cfg: VisionConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
+    """Random vision params: truncated-normal kernels (std 0.02), zero biases, unit norm scales."""
+    dv, iv, lv = cfg.hidden_size, cfg.intermediate_size, cfg.depth
+    mi = cfg.merge_unit * dv
+    keys = iter(jax.random.split(rng, 8))
+    zeros = lambda *s: jnp.zeros(s, dtype)  # noqa: E731
+    ones = lambda *s: jnp.ones(s, dtype)  # noqa: E731
+    return {
+        "patch_embed": {"kernel": _normal(next(keys), (cfg.patch_dim, dv), dtype)},
+        "blocks": {
+            "norm1": {"scale": ones(lv, dv)},
+            "norm2": {"scale": ones(lv, dv)},
+            "attn": {
+                "qkv": {"kernel": _normal(next(keys), (lv, dv, 3 * dv), dtype), "bias": zeros(lv, 3 * dv)},
+                "proj": {"kernel": _normal(next(keys), (lv, dv, dv), dtype), "bias": zeros(lv, dv)},
+            },
+            "mlp": {
+                "gate_proj": {"kernel": _normal(next(keys), (lv, dv, iv), dtype), "bias": zeros(lv, iv)},
+                "up_proj": {"kernel": _normal(next(keys), (lv, dv, iv), dtype), "bias": zeros(lv, iv)},
+                "down_proj": {"kernel": _normal(next(keys), (lv, iv, dv), dtype), "bias": zeros(lv, dv)},
+            },
+        },
+        "merger": {
+            "ln_q": {"scale": ones(dv)},
+            "fc1": {"kernel": _normal(next(keys), (mi, mi), dtype), "bias": zeros(mi)},
+            "fc2": {"kernel": _normal(next(keys), (mi, cfg.out_hidden_size), dtype),
+                    "bias": zeros(cfg.out_hidden_size)},
+        },
+    }
+
+
+def vision_param_axes(cfg: VisionConfig) -> Params:
+    """The params tree with a tuple of logical axis names in place of every leaf."""
+    del cfg  # the names do not depend on sizes
+    L, E, Q, M = "layers", "vision_embed", "qkv", "vision_mlp"
+    return {
+        "patch_embed": {"kernel": ("patch_in", E)},
+        "blocks": {
+            "norm1": {"scale": (L, "norm")},
+            "norm2": {"scale": (L, "norm")},
+            "attn": {
+                "qkv": {"kernel": (L, E, Q), "bias": (L, Q)},
+                "proj": {"kernel": (L, Q, E), "bias": (L, E)},
+            },
+            "mlp": {
+                "gate_proj": {"kernel": (L, E, M), "bias": (L, M)},
+                "up_proj": {"kernel": (L, E, M), "bias": (L, M)},
+                "down_proj": {"kernel": (L, M, E), "bias": (L, E)},
+            },
+        },
+        "merger": {
+            "ln_q": {"scale": ("norm",)},
+            "fc1": {"kernel": ("merger_in", M), "bias": (M,)},
+            "fc2": {"kernel": (M, "embed"), "bias": ("embed",)},
+        },
+    }
