@@ -1,0 +1,140 @@
+"""The Qwen2 language model of Qwen2.5-VL: a stack of pre-norm decoder layers.
+
+One layer, for the residual stream ``h`` [B, S, D]::
+
+    x   = RMSNorm(h)
+    q,k,v = x Wq + bq, x Wk + bk, x Wv + bv           (Hq query heads, Hkv kv heads)
+    q,k = M-RoPE(q, k, position_ids)                  (chunked, see rope.py)
+    h   = h + softmax(q k^T / sqrt(hd) + mask) v Wo   (GQA; o_proj has no bias)
+    h   = h + down(silu(gate(RMSNorm(h))) * up(RMSNorm(h)))
+
+and the output is ``RMSNorm(h)`` after the last layer. Layers are stacked on a leading
+axis and run with ``jax.lax.scan``; the scanned body goes through ``layers.remat``.
+
+Mask: a query attends to a key when the key is a real token (``attention_mask``) and not
+in the future. Each query also attends to itself, which changes nothing for real tokens
+but keeps rows of padded queries non-empty (no NaN in any attention implementation).
+
+KV cache (``init_cache``): ``{"k", "v": [L, B, T, Hkv, hd], "mask": [B, T] bool, "index": int32}``.
+A call with a cache writes its S new keys/values and their validity (``attention_mask``)
+at slots ``index .. index+S-1`` (``lax.dynamic_update_slice``), attends to all valid
+earlier slots plus causally among the new tokens, and returns the new cache with
+``index + S``. It is a pure function of its inputs, and differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ilvr_jax import sharding
+from ilvr_jax.model import layers
+from ilvr_jax.model.config import TextConfig
+from ilvr_jax.model.rope import apply_rotary, mrope_cos_sin
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    """An empty KV cache for ``max_len`` tokens (no valid slot, write index 0)."""
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def attention_mask_4d(key_valid: jax.Array, q_slots: jax.Array) -> jax.Array:
+    """Boolean [B, 1, Sq, Sk]: key j visible to query i iff (valid_j and j <= slot_i) or j == slot_i.
+
+    key_valid: [B, Sk] bool; q_slots: [Sq] int, the key slot each query occupies.
+    """
+    k_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+    causal = k_slots[None, :] <= q_slots[:, None]  # [Sq, Sk]
+    self_slot = k_slots[None, :] == q_slots[:, None]
+    m = (key_valid[:, None, :] & causal[None]) | self_slot[None]
+    return m[:, None]
+
+
+def _attention_block(x: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin: jax.Array,
+                     mask: jax.Array, kv_cache, index, dtype, attn_impl):
+    b, s, _ = x.shape
+    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = layers.dense(x, p["q_proj"], dtype).reshape(b, s, hq, hd)
+    k = layers.dense(x, p["k_proj"], dtype).reshape(b, s, hkv, hd)
+    v = layers.dense(x, p["v_proj"], dtype).reshape(b, s, hkv, hd)
+    q = sharding.constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
+    k = sharding.constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
+    v = sharding.constrain(v, ("batch", "seq", "act_kv_heads", None))
+    new_kv = None
+    if kv_cache is not None:
+        ck, cv = kv_cache
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        new_kv = (ck, cv)
+        k, v = ck.astype(dtype), cv.astype(dtype)
+    out = layers.attention(q, k, v, mask, attn_impl)
+    out = sharding.constrain(out, ("batch", "seq", "act_heads", None)).reshape(b, s, hq * hd)
+    return layers.dense(out, p["o_proj"], dtype), new_kv
+
+
+def decoder_layer(h: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin: jax.Array,
+                  mask: jax.Array, kv_cache=None, index=None, *, dtype=jnp.float32, attn_impl=None):
+    """One decoder layer on the residual stream h [B, S, D] (params of one layer, unstacked).
+
+    Returns (h, (k_cache, v_cache) or None)."""
+    x = layers.rms_norm(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    attn, new_kv = _attention_block(x, p["self_attn"], cfg, cos, sin, mask, kv_cache, index, dtype, attn_impl)
+    h = sharding.constrain(h + attn, ("batch", "seq", "act_embed"))
+    x = layers.rms_norm(h, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    h = sharding.constrain(h + layers.gated_mlp(x, p["mlp"], dtype), ("batch", "seq", "act_embed"))
+    return h, new_kv
+
+
+def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, position_ids: jax.Array,
+                    attention_mask: jax.Array | None, *, cache: Cache | None = None, dtype=jnp.float32,
+                    remat_policy: str = "none", attn_impl: str | None = None):
+    """The decoder stack on input embeddings.
+
+    Args:
+      params_text: ``params["text"]`` (only ``layers`` and ``norm`` are read).
+      embeds: [B, S, D] input embeddings.
+      position_ids: [3, B, S] M-RoPE ids.
+      attention_mask: [B, S] (1 = real token) or None (all real).
+      cache: None, or a cache from :func:`init_cache`; the S tokens are written at its index.
+      dtype: compute dtype of activations and matmuls (RMSNorm statistics and RoPE in fp32).
+
+    Returns:
+      (hidden [B, S, D] after the final norm, new cache or None).
+    """
+    b, s, _ = embeds.shape
+    valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    cos, sin = mrope_cos_sin(position_ids, cfg)
+    if cache is None:
+        mask = attention_mask_4d(valid, jnp.arange(s, dtype=jnp.int32))
+        index = None
+        new_mask = None
+    else:
+        index = jnp.asarray(cache["index"], jnp.int32)
+        new_mask = jax.lax.dynamic_update_slice(cache["mask"], valid, (0, index))
+        mask = attention_mask_4d(new_mask, index + jnp.arange(s, dtype=jnp.int32))
+
+    def body(h, xs):
+        lp, kv = xs
+        h, new_kv = decoder_layer(h, lp, cfg, cos, sin, mask, kv, index, dtype=dtype, attn_impl=attn_impl)
+        return h, new_kv
+
+    body = layers.remat(body, remat_policy)
+    h = sharding.constrain(embeds.astype(dtype), ("batch", "seq", "act_embed"))
+    kv_xs = None if cache is None else (cache["k"], cache["v"])
+    h, kv_ys = jax.lax.scan(body, h, (params_text["layers"], kv_xs))
+    h = layers.rms_norm(h, params_text["norm"]["scale"], cfg.rms_norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": kv_ys[0], "v": kv_ys[1], "mask": new_mask, "index": index + s}
+    return h, new_cache
