@@ -62,6 +62,14 @@ def load(tiny_dirs, shape):
     return _HF_CACHE[shape]
 
 
+def checkpoint_visual_params(hf_dir):
+    """``params["visual"]`` as the checkpoint loader reads it from the HF directory."""
+    from ilvr_jax.checkpoint.hf import load_hf_params
+
+    _, params = load_hf_params(hf_dir)
+    return params["visual"]
+
+
 def hf_tower(visual, pixel_values: np.ndarray, grid: list) -> np.ndarray:
     """HF merged tokens of a concatenation of images (the merger output, in image order)."""
     with torch.no_grad():
@@ -260,7 +268,8 @@ TOWER_CASES = ["one_image", "two_images_one_sample", "batch_padding",
 @pytest.mark.parametrize("case", TOWER_CASES)
 @pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
 def test_tower_matches_hf(tiny_dirs, shape, case):
-    cfg, visual, params, hf_dir = load(tiny_dirs, shape)
+    cfg, visual, _, hf_dir = load(tiny_dirs, shape)
+    params = checkpoint_visual_params(hf_dir)
     samples = _case(case, cfg, hf_dir)
     n_max = max(len(p) for p, _ in samples)
     num_patches = n_max + 8 if case == "batch_padding" else n_max  # extra padding in that case
@@ -277,6 +286,15 @@ def test_tower_matches_hf(tiny_dirs, shape, case):
         assert not out[b, len(ref):].any(), "rows past the real tokens must be zero"
     print(f"tower {shape}/{case}: rel max diff {max(errs):.2e}")
     assert max(errs) < 1e-5
+
+
+def test_state_dict_conversion_matches_checkpoint_loader(tiny_dirs):
+    """The test's own torch -> tree conversion and the checkpoint loader agree exactly."""
+    _, _, params, hf_dir = load(tiny_dirs, "untied_gqa2")
+    loaded = checkpoint_visual_params(hf_dir)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_padding_does_not_change_real_outputs(tiny_dirs):
