@@ -14,7 +14,8 @@ Each generated record is a canonical record (see :mod:`ilvr_jax.data.records`) w
   then a latent step whose helper image is the board with the agent after move k; a closing
   text step says the goal is reached;
 * ``original_final_answer``: ``\\boxed{R,D,...}``, the shortest path found by breadth-first
-  search with the fixed neighbour order ``L, R, U, D`` (so ties break the same way every time).
+  search with the fixed neighbour order ``L, R, U, D`` (ties go to the lexicographically
+  smallest path in that order).
 
 Generation is deterministic: record i draws from its own generator seeded by
 ``sha256("maze:{seed}:{i}")``, so the same seed gives byte-identical JSONL and PNGs and the
@@ -156,8 +157,8 @@ def shortest_path(map_desc) -> list[str] | None:
     """Shortest move sequence from start to goal avoiding holes (breadth-first search).
 
     Neighbours are expanded in the order L, R, U, D, and each cell keeps the first move that
-    reached it, so among equally short paths the result is always the same one. Returns None
-    when the goal cannot be reached.
+    reached it; the result is therefore the lexicographically smallest shortest path in the
+    order L < R < U < D. Returns None when the goal cannot be reached.
     """
     rows, cols = check_map(map_desc)
     start, goal = find_cell(map_desc, START), find_cell(map_desc, GOAL)
