@@ -30,7 +30,6 @@ import hashlib
 import os
 import random
 import re
-import time
 from typing import Iterable, Sequence
 
 from ilvr_jax.data.records import latent_step, make_record, text_step, write_jsonl
@@ -421,12 +420,3 @@ def generate_maze_dataset(out_dir: str, n: int, seed: int, sizes: tuple[int, int
     os.replace(tmp, path)  # a reader never sees a half-written file
     return path
 
-
-if __name__ == "__main__":  # quick throughput check
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        generate_maze_dataset(d, 200, 0)
-        dt = time.perf_counter() - t0
-        print(f"{200 / dt:.1f} records/s")

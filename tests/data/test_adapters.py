@@ -207,6 +207,7 @@ def test_maze_adapter_reads_generated_data(tmp_path):
     path = maze.generate_maze_dataset(str(tmp_path / "m"), 6, seed=4)
     with open(path) as f:
         raw = [json.loads(line) for line in f]
+    _write_jsonl(tmp_path / "m" / "other.jsonl", raw[:2])  # a folder source reads data.jsonl only
     out = list(get_adapter("maze").iter_records(str(tmp_path / "m")))
     assert len(out) == 6
     for rec, src in zip(out, raw):

@@ -157,6 +157,10 @@ def iter_maze_records(
     check_solution: bool = True,
 ) -> Iterator[dict]:
     """Records of a data set written by ``maze.generate_maze_dataset`` (``source`` is its
-    directory or JSONL file); the solutions are checked by simulation."""
+    directory, whose ``data.jsonl`` is read, or a JSONL file); solutions are checked by
+    simulation."""
+    default_file = os.path.join(os.fspath(source), "data.jsonl")
+    if os.path.isdir(source) and os.path.isfile(default_file):
+        source = default_file
     yield from iter_records(source, image_root=image_root, policy=policy, check_images=check_images,
                             check_solution=check_solution, task="maze")

@@ -279,7 +279,9 @@ def iter_records(
                 table = pf.read_row_group(g, columns=columns)
                 if chosen is not None:
                     table = table.take([r - start for r in wanted])
-                for row_index, row in zip(wanted, table.to_pylist()):
+                # Small batches: only a few rows' image bytes exist as Python objects at a time.
+                rows = (row for batch in table.to_batches(max_chunksize=16) for row in batch.to_pylist())
+                for row_index, row in zip(wanted, rows):
                     try:
                         rec = convert_row(row, domain=domain, shard=shard, row_index=row_index,
                                           out_dir=out_dir, check_images=check_images)
@@ -287,5 +289,5 @@ def iter_records(
                         policy.handle(e)
                         continue
                     yield rec
-                del table
+                del table, rows
             start += n_rows
