@@ -334,6 +334,8 @@ def random_map(rng: random.Random, rows: int, cols: int, hole_prob: float = 0.25
     probability ``hole_prob``; redrawn until the goal is reachable."""
     if rows * cols < 2:
         raise ValueError(f"a map needs at least 2 cells, got {rows}x{cols}")
+    if not 0.0 <= hole_prob < 1.0:
+        raise ValueError(f"hole_prob must lie in [0, 1), got {hole_prob}")
     for _ in range(max_tries):
         cells = [(r, c) for r in range(rows) for c in range(cols)]
         start, goal = rng.sample(cells, 2)

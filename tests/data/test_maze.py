@@ -191,3 +191,5 @@ def test_generation_is_deterministic(tmp_path):
 def test_bad_sizes_rejected():
     with pytest.raises(ValueError, match="sizes"):
         list(maze.generate_maze_records(1, 0, sizes=(5, 3)))
+    with pytest.raises(ValueError, match="hole_prob"):
+        list(maze.generate_maze_records(1, 0, hole_prob=1.0))
