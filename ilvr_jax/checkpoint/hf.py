@@ -516,10 +516,14 @@ def _write_json(path: str, obj: Any) -> None:
 def select_model_params(tree: dict, which: str = "student") -> dict:
     """The model parameters inside ``tree``: ``tree`` itself when it is a parameter tree,
     ``tree[which]`` when it is a training state holding ``"student"`` / ``"teacher"``."""
+    if which not in ("student", "teacher"):
+        raise ValueError(f"which={which!r}: expected 'student' or 'teacher'")
     if "text" in tree and "visual" in tree:
+        if which == "teacher":
+            raise ValueError("the tree is a single parameter tree, it holds no teacher")
         return tree
     if which in tree and isinstance(tree[which], dict):
-        return select_model_params(tree[which], which)
+        return select_model_params(tree[which], "student")
     if "params" in tree and isinstance(tree["params"], dict):
         return select_model_params(tree["params"], which)
     raise ValueError(f"no model parameters found (wanted {which!r}); top-level keys: {sorted(tree)}")
