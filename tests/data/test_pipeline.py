@@ -1,0 +1,301 @@
+"""The grain pipeline: shapes, determinism, restore, process shards, drops, workers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ilvr_jax.data import pipeline as PL
+from ilvr_jax.data import records as R
+from ilvr_jax.data import segments as S
+from ilvr_jax.data import processor as P
+from ilvr_jax.tiny import build_tokenizer
+
+MINP, MAXP = 4 * 28 * 28, 16 * 28 * 28
+N_RECORDS = 13
+BASE = dict(
+    batch_size=2, max_length=256, max_question_images=2, max_question_patches=128, max_helper_patches=192,
+    max_segments=3, latent_size=2, min_pixels=MINP, max_pixels=MAXP, seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    build_tokenizer(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir):
+    return PL.load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """N_RECORDS records with 0-2 question images, 1-3 segments and varying text lengths."""
+    d = tmp_path_factory.mktemp("data")
+    (d / "img").mkdir()
+    rng = np.random.RandomState(0)
+    recs = []
+    for i in range(N_RECORDS):
+        n_q = i % 3
+        n_seg = 1 + i % 3
+        q = []
+        for j in range(n_q):
+            h, w = rng.randint(20, 120, size=2)
+            Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(d / "img" / f"q{i}_{j}.png")
+            q.append(f"img/q{i}_{j}.png")
+        plan = []
+        for j in range(n_seg):
+            h, w = rng.randint(20, 120, size=2)
+            Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(d / "img" / f"h{i}_{j}.png")
+            plan.append(R.text_step(" step " + "move up then left " * (i % 5)))
+            plan.append(R.latent_step(f"img/h{i}_{j}.png"))
+        recs.append(R.make_record(f"question {i}: which way?", q, plan, "ABCD"[i % 4], id=f"r{i}"))
+    R.write_jsonl(d / "train.jsonl", recs)
+    return d
+
+
+def make(data_dir, tok, **kw):
+    cfg = PL.DataConfig(**{**BASE, **kw})
+    return PL.DataPipeline.from_jsonl(data_dir / "train.jsonl", tok, cfg, process_index=kw.pop("pi", 0),
+                                      process_count=1)
+
+
+def ids_of(batches):
+    """A hashable digest of a batch list: the input ids of each sample."""
+    return [b["input_ids"].tobytes() + b["pixel_values"].tobytes() for b in batches]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y) == set(PL.BATCH_KEYS)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_layout_and_content(data_dir, tokenizer):
+    pipe = make(data_dir, tokenizer, shuffle=False)
+    cfg = pipe.cfg
+    batches = list(pipe.iterator())
+    assert len(batches) == pipe.plan.batches_per_epoch == -(-N_RECORDS // 2)
+    B, S_, M = cfg.batch_size, cfg.max_length, cfg.max_segments
+    shapes = {
+        "input_ids": ((B, S_), np.int32), "attention_mask": ((B, S_), np.int32), "labels": ((B, S_), np.int32),
+        "pixel_values": ((B, 128, 1176), np.float32), "image_grid_thw": ((B, 2, 3), np.int32),
+        "helper_pixel_values": ((B, 192, 1176), np.float32), "helper_grid_thw": ((B, M, 3), np.int32),
+        "latent_starts": ((B, M), np.int32), "segment_mask": ((B, M), np.bool_), "assistant_start": ((B,), np.int32),
+        "sample_mask": ((B,), np.bool_),
+    }
+    for b in batches:
+        for k, (shape, dtype) in shapes.items():
+            assert b[k].shape == shape and b[k].dtype == dtype, k
+    # Unshuffled: sample r is record r; compare with building it directly.
+    recs = [r for r, _, _ in R.load_records(data_dir / "train.jsonl")]
+    fmt = cfg.sequence_format
+    icfg = cfg.image_config()
+    ids = S.SpecialIds.from_tokenizer(tokenizer)
+    for r, rec in enumerate(recs):
+        b, row = batches[r // 2], r % 2
+        s = S.build_sample(rec, data_dir, tokenizer, icfg, fmt)
+        n, pq, ph, m = len(s.input_ids), len(s.pixel_values), len(s.helper_pixel_values), len(s.helper_grid_thw)
+        np.testing.assert_array_equal(b["input_ids"][row, :n], s.input_ids)
+        assert (b["input_ids"][row, n:] == ids.pad).all()
+        np.testing.assert_array_equal(b["labels"][row, :n], s.labels)
+        assert (b["labels"][row, n:] == -100).all()
+        assert b["attention_mask"][row].tolist() == [1] * n + [0] * (S_ - n)
+        np.testing.assert_array_equal(b["pixel_values"][row, :pq], s.pixel_values)
+        assert not b["pixel_values"][row, pq:].any()
+        np.testing.assert_array_equal(b["image_grid_thw"][row, : len(s.image_grid_thw)], s.image_grid_thw)
+        assert not b["image_grid_thw"][row, len(s.image_grid_thw):].any()
+        np.testing.assert_array_equal(b["helper_pixel_values"][row, :ph], s.helper_pixel_values)
+        np.testing.assert_array_equal(b["helper_grid_thw"][row, :m], s.helper_grid_thw)
+        assert b["segment_mask"][row].tolist() == [True] * m + [False] * (M - m)
+        np.testing.assert_array_equal(b["latent_starts"][row, :m], s.latent_starts)
+        for p in b["latent_starts"][row, :m]:
+            assert b["input_ids"][row, p] == ids.latent_start
+            assert (b["input_ids"][row, p + 1:p + 3] == ids.latent_pad).all()
+            assert b["input_ids"][row, p + 3] == ids.latent_end
+        assert b["input_ids"][row, b["assistant_start"][row]] == ids.im_start
+        assert b["sample_mask"][row]
+    # 13 records in batches of 2: the last batch has one padding sample.
+    last = batches[-1]
+    assert last["sample_mask"].tolist() == [True, False]
+    assert not last["attention_mask"][1].any() and (last["labels"][1] == -100).all()
+    assert not last["segment_mask"][1].any() and not last["helper_pixel_values"][1].any()
+
+
+def test_drop_remainder(data_dir, tokenizer):
+    pipe = make(data_dir, tokenizer, drop_remainder=True)
+    batches = list(pipe.iterator())
+    assert len(batches) == N_RECORDS // 2
+    assert all(b["sample_mask"].all() for b in batches)
+
+
+def test_determinism_by_seed_and_epochs(data_dir, tokenizer):
+    a = list(make(data_dir, tokenizer, num_epochs=2).iterator())
+    b = list(make(data_dir, tokenizer, num_epochs=2).iterator())
+    assert_batches_equal(a, b)
+    c = list(make(data_dir, tokenizer, num_epochs=2, seed=4).iterator())
+    assert ids_of(a) != ids_of(c)
+    # two epochs: each record once per epoch, different order in epoch 2
+    nb = len(a) // 2
+    assert ids_of(a[:nb]) != ids_of(a[nb:])
+
+    def sample_set(batches):
+        return sorted(b["input_ids"][r].tobytes() for b in batches for r in range(2) if b["sample_mask"][r])
+
+    assert sample_set(a[:nb]) == sample_set(a[nb:])
+    assert len(sample_set(a[:nb])) == N_RECORDS
+
+
+def test_infinite_epochs(data_dir, tokenizer):
+    pipe = make(data_dir, tokenizer, num_epochs=None)
+    it = pipe.iterator()
+    nb = pipe.plan.batches_per_epoch
+    batches = [next(it) for _ in range(2 * nb + 1)]
+    assert it.epoch == 2 and it.next_batch == 2 * nb + 1
+    it.close()
+    assert len(batches) == 2 * nb + 1
+
+
+def test_restore_mid_epoch(data_dir, tokenizer, tmp_path):
+    pipe = make(data_dir, tokenizer, num_epochs=2)
+    full = list(pipe.iterator())
+    it = pipe.iterator()
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    assert json.loads(json.dumps(state)) == state  # JSON-serialisable
+    PL.save_state(tmp_path / "data_state.json", it)
+    rest_a = list(it)
+    # a fresh pipeline (as after a restart), restored from the saved file
+    pipe2 = make(data_dir, tokenizer, num_epochs=2)
+    it2 = pipe2.iterator(PL.load_state(tmp_path / "data_state.json"))
+    rest_b = list(it2)
+    assert_batches_equal(rest_a, full[5:])
+    assert_batches_equal(rest_b, full[5:])
+    # a state from another configuration is refused
+    other = make(data_dir, tokenizer, num_epochs=2, seed=9)
+    with pytest.raises(ValueError, match="different pipeline"):
+        other.iterator(state)
+
+
+def test_orbax_checkpoint_of_iterator(data_dir, tokenizer, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    pipe = make(data_dir, tokenizer)
+    full = list(pipe.iterator())
+    it = pipe.iterator()
+    next(it), next(it), next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        it2 = make(data_dir, tokenizer).iterator()
+        mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
+    assert it2.next_batch == 3
+    assert_batches_equal(list(it2), full[3:])
+
+
+def test_two_processes_disjoint_and_covering(data_dir, tokenizer):
+    cfg = PL.DataConfig(**BASE)
+    path = data_dir / "train.jsonl"
+    parts = [PL.DataPipeline.from_jsonl(path, tokenizer, cfg, process_index=p, process_count=2) for p in range(2)]
+    batches = [list(p.iterator()) for p in parts]
+    assert len(batches[0]) == len(batches[1])  # same number of steps on both processes
+    for b0, b1 in zip(*batches):
+        assert b0["input_ids"].shape == b1["input_ids"].shape  # same shapes at every step
+    seen = [[b["input_ids"][r].tobytes() for b in bs for r in range(2) if b["sample_mask"][r]] for bs in batches]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) + len(seen[1]) == N_RECORDS
+    single = [b["input_ids"][r].tobytes() for b in make(data_dir, tokenizer).iterator() for r in range(2)
+              if b["sample_mask"][r]]
+    assert sorted(seen[0] + seen[1]) == sorted(single)
+
+
+def test_buckets_give_fixed_shapes(data_dir, tokenizer):
+    pipe = make(data_dir, tokenizer, buckets=(96, 128, 256))
+    lens = [it.size.seq_len for it in pipe.items]
+    assert min(lens) <= 96 < max(lens)  # the fixture spans several buckets
+    batches = list(pipe.iterator())
+    shapes = {b["input_ids"].shape for b in batches}
+    assert shapes <= {(2, 96), (2, 128), (2, 256)} and len(shapes) >= 2
+    n_real = 0
+    for b in batches:
+        S_ = b["input_ids"].shape[1]
+        for r in range(2):
+            if b["sample_mask"][r]:
+                n = int(b["attention_mask"][r].sum())
+                # the smallest bucket that holds the sample
+                assert n <= S_ and not any(n <= x < S_ for x in (96, 128, 256))
+                n_real += 1
+    assert n_real == N_RECORDS
+    assert pipe.describe()["records"] == N_RECORDS
+
+
+def test_bad_records_error_or_skip(data_dir, tokenizer, tmp_path):
+    good = [json.loads(x) for x in (data_dir / "train.jsonl").read_text().splitlines()]
+    for g in good:  # absolute image paths, so the file can live elsewhere
+        g["image_input"] = [str(data_dir / p) for p in g["image_input"]]
+        for s in g["sequence_plan"]:
+            if s["type"] == "latent":
+                s["helper_image"] = str(data_dir / s["helper_image"])
+    bad_missing = dict(good[0], id="bad1", image_input=["nope.png"])
+    bad_plan = dict(good[1], id="bad2", sequence_plan=[])
+    too_long = dict(good[2], id="bad3", text_input="left right " * 400)
+    too_many_seg = dict(good[3], id="bad4", sequence_plan=good[3]["sequence_plan"] * 4)
+    recs = good[:4] + [bad_missing, bad_plan, too_long, too_many_seg] + good[4:]
+    path = tmp_path / "mixed.jsonl"
+    R.write_jsonl(path, recs)
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    cfg = PL.DataConfig(**BASE)
+    with pytest.raises(R.RecordError, match=r"mixed.jsonl:line 5 \(id=bad1\)") as ei:
+        PL.DataPipeline.from_jsonl(path, tokenizer, cfg, process_index=0, process_count=1)
+    assert ei.value.reason == R.MISSING_IMAGE
+    pipe = PL.DataPipeline.from_jsonl(path, tokenizer, PL.DataConfig(**BASE, drop_policy="skip"), process_index=0,
+                                      process_count=1)
+    assert pipe.drops.as_dict() == {R.MISSING_IMAGE: 1, R.EMPTY_PLAN: 1, PL.TOO_LONG: 1, PL.TOO_MANY_SEGMENTS: 1,
+                                    R.BAD_JSON: 1}
+    assert pipe.num_records == N_RECORDS
+    assert pipe.describe()["dropped"][PL.TOO_LONG] == 1
+    n_real = sum(int(b["sample_mask"].sum()) for b in pipe.iterator())
+    assert n_real == N_RECORDS
+    # patch limits
+    small = PL.DataConfig(**{**BASE, "max_helper_patches": 16, "max_question_patches": 16}, drop_policy="skip")
+    pipe = PL.DataPipeline.from_jsonl(data_dir / "train.jsonl", tokenizer, small, process_index=0, process_count=1)
+    assert set(pipe.drops.as_dict()) <= {PL.TOO_MANY_HELPER_PATCHES, PL.TOO_MANY_QUESTION_PATCHES}
+    assert pipe.drops.total > 0 and pipe.num_records + pipe.drops.total == N_RECORDS
+    for it in pipe.items:
+        assert it.size.helper_patches <= 16 and it.size.question_patches <= 16
+
+
+def test_workers_match_in_process(data_dir, tok_dir):
+    a = list(make(data_dir, tok_dir, worker_count=0, num_epochs=2).iterator())
+    pipe = make(data_dir, tok_dir, worker_count=2, num_epochs=2)
+    it = pipe.iterator()
+    b = list(it)
+    it.close()
+    assert_batches_equal(a, b)
+    # restoring with workers gives the same continuation
+    it = pipe.iterator({"next_batch": 4, "fingerprint": pipe.fingerprint})
+    c = list(it)
+    it.close()
+    assert_batches_equal(c, a[4:])
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PL.DataConfig(max_question_patches=30)
+    with pytest.raises(ValueError, match="increasing"):
+        PL.DataConfig(buckets=(128, 64))
+    with pytest.raises(ValueError, match="unknown data config keys"):
+        PL.DataConfig.from_dict({"batch_size": 2, "max_len": 5})
+    cfg = PL.DataConfig(buckets=[64, 128])
+    assert PL.DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
