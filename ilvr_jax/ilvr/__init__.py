@@ -4,7 +4,7 @@ selective top-p/top-k targets, stage-1 losses with teacher forcing, and the teac
 from ilvr_jax.ilvr.losses import (IGNORE_INDEX, alignment_noise, latent_alignment_loss,
                                   latent_positions, mean_over_samples, next_token_ce,
                                   next_token_ce_per_sample, teacher_forcing_embeds)
-from ilvr_jax.ilvr.query import (SpecialTokens, grouped_mean_weights, prompt_masks,
+from ilvr_jax.ilvr.query import (SpecialTokens, grouped_mean_weights, image_rows, prompt_masks,
                                  segment_text_masks, segment_text_means, user_summary)
 from ilvr_jax.ilvr.selection import (Selection, cosine_similarity, helper_token_counts,
                                      pool_candidates, select_helper_patches, validate_segments)
@@ -12,7 +12,7 @@ from ilvr_jax.ilvr.teacher import ema_update
 
 __all__ = [
     "IGNORE_INDEX", "Selection", "SpecialTokens", "alignment_noise", "cosine_similarity",
-    "ema_update", "grouped_mean_weights", "helper_token_counts", "latent_alignment_loss",
+    "ema_update", "grouped_mean_weights", "helper_token_counts", "image_rows", "latent_alignment_loss",
     "latent_positions", "mean_over_samples", "next_token_ce", "next_token_ce_per_sample",
     "pool_candidates", "prompt_masks", "segment_text_masks", "segment_text_means",
     "select_helper_patches", "teacher_forcing_embeds", "user_summary", "validate_segments",

@@ -104,8 +104,7 @@ def _image_attention_weights(H: jax.Array, text_mask: jax.Array, image_mask: jax
     scale = 1.0 / jnp.sqrt(jnp.float32(hd))
     any_image = image_mask.any(-1)
 
-    def body(acc, chunk):
-        x, qmask = chunk  # [B,C,D], [B,C]
+    def chunk_weights(x, qmask):
         q = x @ q_proj["kernel"].astype(jnp.float32) + q_proj["bias"].astype(jnp.float32)
         q = q.reshape(b, query_chunk, num_heads, hd)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
@@ -114,7 +113,14 @@ def _image_attention_weights(H: jax.Array, text_mask: jax.Array, image_mask: jax
         logits = jnp.where(any_image[:, None, None, None], logits, 0.0)
         probs = jax.nn.softmax(logits, axis=-1)
         probs = probs * qmask[:, None, :, None].astype(jnp.float32)
-        return acc + probs.sum(axis=(1, 2)), None
+        return probs.sum(axis=(1, 2))
+
+    def body(acc, chunk):
+        x, qmask = chunk  # [B,C,D], [B,C]
+        # Most chunks (the assistant turn, padding) hold no prompt text: skip their work.
+        w = jax.lax.cond(qmask.any(), chunk_weights, lambda *_: jnp.zeros((b, s), jnp.float32),
+                         x, qmask)
+        return acc + w, None
 
     acc0 = jnp.zeros((b, s), jnp.float32)
     acc, _ = jax.lax.scan(body, acc0, (jnp.moveaxis(hq_in, 1, 0), jnp.moveaxis(tm, 1, 0)))
@@ -122,6 +128,19 @@ def _image_attention_weights(H: jax.Array, text_mask: jax.Array, image_mask: jax
     w = acc / (num_heads * jnp.maximum(n_text, 1.0))[:, None]
     w = jnp.where(image_mask, w, 0.0)
     return w / (w.sum(-1, keepdims=True) + 1e-9)
+
+
+def image_rows(grid_thw: jax.Array, num_rows: int, merge_unit: int = 4
+               ) -> tuple[jax.Array, jax.Array]:
+    """Image number and validity of each merged-feature row of a sample's images:
+    (image_index [B,num_rows] int32, valid [B,num_rows] bool). grid_thw [B,I,3] (zero rows
+    = no image); image i has t*h*w / merge_unit rows, images consecutive in order."""
+    thw = grid_thw.astype(jnp.int32)
+    counts = thw[..., 0] * thw[..., 1] * thw[..., 2] // merge_unit
+    ends = jnp.cumsum(counts, axis=1)
+    pos = jnp.arange(num_rows)
+    idx = (pos[None, :, None] >= ends[:, None, :]).sum(-1).astype(jnp.int32)
+    return jnp.minimum(idx, grid_thw.shape[1] - 1), pos[None, :] < ends[:, -1:]
 
 
 def grouped_mean_weights(image_index: jax.Array, valid: jax.Array, num_groups: int = 8) -> jax.Array:

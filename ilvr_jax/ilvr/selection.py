@@ -89,9 +89,17 @@ def cosine_similarity(x: jax.Array, y: jax.Array, eps: float = 1e-8, axis: int =
     sum( x / max(||x||, eps) * y / max(||y||, eps) )."""
     x = x.astype(jnp.float32)
     y = y.astype(jnp.float32)
-    nx = jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
-    ny = jnp.maximum(jnp.linalg.norm(y, axis=axis, keepdims=True), eps)
+    nx = jnp.maximum(_safe_norm(x, axis), eps)
+    ny = jnp.maximum(_safe_norm(y, axis), eps)
     return jnp.sum((x / nx) * (y / ny), axis=axis)
+
+
+def _safe_norm(x: jax.Array, axis: int) -> jax.Array:
+    """||x|| with a finite gradient at x = 0 (masked-out rows must not turn into NaN
+    gradients through ``jnp.where``)."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
 def select_helper_patches(u: jax.Array, t: jax.Array, t_present: jax.Array, cands: jax.Array,

@@ -140,3 +140,15 @@ def test_alignment_noise_changes_target():
     assert 0 < abs(float(a[0] - b[0])) < 0.05
     ref, _ = np_alignment(hidden, embeds, fed, np.zeros_like(embeds))
     np.testing.assert_allclose(np.asarray(c), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_alignment_gradient_finite_with_zero_rows():
+    """A zero hidden row outside the pairs (e.g. padding) must not give NaN gradients."""
+    hidden, embeds, fed = alignment_case()
+    hidden[0, 11] = 0.0
+    hidden[1, :] = 0.0
+    embeds[0, 12] = 0.0
+    g = jax.grad(lambda h: latent_alignment_loss(h, jnp.asarray(embeds), jnp.asarray(fed),
+                                                 jax.random.key(0), noise_scale=0.0)[0].sum())(jnp.asarray(hidden))
+    assert bool(jnp.isfinite(g).all())
+    assert float(jnp.abs(g[0]).max()) > 0

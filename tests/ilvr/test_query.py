@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ilvr_jax.ilvr import grouped_mean_weights, segment_text_means, user_summary
+from ilvr_jax.ilvr import grouped_mean_weights, image_rows, segment_text_means, user_summary
 
 D, HQ, HKV = 16, 4, 2
 HD = D // HQ
@@ -159,3 +159,17 @@ def test_segment_text_means_spans(synth):
     expect2 = np.zeros(S)
     expect2[ls[1] + K + 2:ls[2]] = 1 / 3
     np.testing.assert_allclose(np.asarray(t[0, 2]), expect2, atol=1e-7)
+
+
+def test_image_rows_from_grid(synth):
+    """Row -> image mapping from grid_thw equals the layout built by hand above."""
+    specs = [synth.SampleSpec(q_images=(3, 8, 13, 16), bare_user=True), synth.SampleSpec(q_images=(4,)),
+             synth.SampleSpec(q_images=())]
+    _, _, _, _, _, qf, qidx, qmask, _ = make_inputs(synth, specs, seed=1)
+    thw = np.zeros((3, 4, 3), np.int32)
+    for b, s in enumerate(specs):
+        for i, n in enumerate(s.q_images):
+            thw[b, i] = (1, 2, 2 * n)   # t*h*w/4 = n merged tokens
+    idx, valid = jax.jit(image_rows, static_argnums=1)(jnp.asarray(thw), qf.shape[1])
+    np.testing.assert_array_equal(np.asarray(valid), qmask)
+    np.testing.assert_array_equal(np.where(qmask, np.asarray(idx), 0), qidx)
