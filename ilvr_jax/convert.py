@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        # Bad input: one line naming the file / tensor, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.command == "from-hf":
         path = from_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)

@@ -123,8 +123,20 @@ def test_cli_both_ways(tiny_dirs, tmp_path):
     assert cfg_bf == cfg
     _assert_same(jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params), p_bf)
 
-    r = _cli("from-hf", "--hf-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
-    assert r.returncode != 0 and "missing: not a directory" in r.stderr
+
+
+def test_cli_reports_bad_input_in_one_line(tiny_dir, tmp_path, capsys):
+    from ilvr_jax.convert import main
+
+    assert main(["from-hf", "--hf-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing: not a directory" in err and "Traceback" not in err
+    assert main(["from-hf", "--hf-dir", tiny_dir, "--out", str(tmp_path / "ok")]) == 0
+    assert main(["from-hf", "--hf-dir", tiny_dir, "--out", str(tmp_path / "ok")]) == 2
+    err = capsys.readouterr().err
+    assert "ok: already exists" in err and "Traceback" not in err
+    assert main(["to-hf", "--checkpoint", str(tmp_path / "ok"), "--out", str(tmp_path / "hf"), "--teacher"]) == 2
+    assert "holds no teacher" in capsys.readouterr().err
 
 
 def test_to_hf_picks_student_or_teacher_of_a_training_state(tiny_dir, tmp_path):
