@@ -23,63 +23,12 @@ def hf_model(hf_dir: str):
     return model.eval()
 
 
-def _stack(sd, fmt, n, transpose):
-    arrs = [sd[fmt.format(i)] for i in range(n)]
-    return np.stack([a.T if transpose else a for a in arrs])
-
-
-def params_from_torch(model):
-    """The parameter tree of the contract from an HF torch model's state dict (kernels
-    transposed to [in, out], per-layer weights stacked on a leading axis)."""
-    sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    cfg = ModelConfig.from_hf(model.config)
-    t, v = cfg.text, cfg.vision
-    lm = "model.language_model.layers.{}."
-    text_layers = {
-        "input_layernorm": {"scale": _stack(sd, lm + "input_layernorm.weight", t.num_hidden_layers, False)},
-        "post_attention_layernorm": {
-            "scale": _stack(sd, lm + "post_attention_layernorm.weight", t.num_hidden_layers, False)},
-        "self_attn": {}, "mlp": {}}
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        d = {"kernel": _stack(sd, lm + f"self_attn.{name}.weight", t.num_hidden_layers, True)}
-        if name != "o_proj":
-            d["bias"] = _stack(sd, lm + f"self_attn.{name}.bias", t.num_hidden_layers, False)
-        text_layers["self_attn"][name] = d
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        text_layers["mlp"][name] = {"kernel": _stack(sd, lm + f"mlp.{name}.weight", t.num_hidden_layers, True)}
-    vb = "model.visual.blocks.{}."
-    blocks = {"norm1": {"scale": _stack(sd, vb + "norm1.weight", v.depth, False)},
-              "norm2": {"scale": _stack(sd, vb + "norm2.weight", v.depth, False)},
-              "attn": {}, "mlp": {}}
-    for name in ("qkv", "proj"):
-        blocks["attn"][name] = {"kernel": _stack(sd, vb + f"attn.{name}.weight", v.depth, True),
-                                "bias": _stack(sd, vb + f"attn.{name}.bias", v.depth, False)}
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        blocks["mlp"][name] = {"kernel": _stack(sd, vb + f"mlp.{name}.weight", v.depth, True),
-                               "bias": _stack(sd, vb + f"mlp.{name}.bias", v.depth, False)}
-    patch = sd["model.visual.patch_embed.proj.weight"]
-    params = {
-        "visual": {
-            "patch_embed": {"kernel": patch.reshape(patch.shape[0], -1).T},
-            "blocks": blocks,
-            "merger": {"ln_q": {"scale": sd["model.visual.merger.ln_q.weight"]},
-                       "fc1": {"kernel": sd["model.visual.merger.mlp.0.weight"].T,
-                               "bias": sd["model.visual.merger.mlp.0.bias"]},
-                       "fc2": {"kernel": sd["model.visual.merger.mlp.2.weight"].T,
-                               "bias": sd["model.visual.merger.mlp.2.bias"]}}},
-        "text": {"embed_tokens": {"embedding": sd["model.language_model.embed_tokens.weight"]},
-                 "layers": text_layers,
-                 "norm": {"scale": sd["model.language_model.norm.weight"]}},
-    }
-    if not t.tie_word_embeddings:
-        params["lm_head"] = {"kernel": sd["lm_head.weight"].T}
-    return cfg, params
-
-
 @functools.lru_cache(maxsize=None)
 def jax_params(hf_dir: str):
-    """(ModelConfig, params) of a tiny directory, converted from the HF torch model."""
-    return params_from_torch(hf_model(hf_dir))
+    """(ModelConfig, params) of a tiny directory, through the checkpoint loader."""
+    from ilvr_jax.checkpoint.hf import load_hf_params
+
+    return load_hf_params(hf_dir)
 
 
 @functools.lru_cache(maxsize=None)
