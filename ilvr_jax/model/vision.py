@@ -229,9 +229,8 @@ def vision_forward(params_visual: Params, cfg: VisionConfig, pixel_values: jax.A
                    precision=jax.lax.Precision.HIGHEST)
     x = sharding.constrain(x.astype(dtype), ("batch", "patches", "act_embed"))
 
-    is_full = jnp.zeros((cfg.depth,), bool)
-    if cfg.fullatt_block_indexes:
-        is_full = is_full.at[jnp.asarray(cfg.fullatt_block_indexes)].set(True)
+    # Per-layer flag, scanned alongside the stacked block params.
+    is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)], bool)
     blocks = jax.tree.map(lambda a: a.astype(dtype), params_visual["blocks"])
 
     def body(h, xs):

@@ -108,7 +108,8 @@ def pack(samples, num_patches, num_images, patch_dim, pad_value=0.0):
     gr = np.zeros((len(samples), num_images, 3), np.int32)
     for b, (patches, grids) in enumerate(samples):
         pv[b, : len(patches)] = patches
-        gr[b, : len(grids)] = grids
+        if grids:
+            gr[b, : len(grids)] = grids
     return jnp.asarray(pv), jnp.asarray(gr)
 
 
@@ -403,3 +404,29 @@ def test_init_and_axes_match_hf_tree(tiny_dirs):
     np.testing.assert_array_equal(np.asarray(init["merger"]["ln_q"]["scale"]), 1.0)
     out = forward(init, cfg, jnp.ones((1, 16, cfg.patch_dim)), jnp.asarray([[[1, 4, 4]]]))
     assert np.isfinite(np.asarray(out)).all()
+
+
+def test_sharded_forward_matches_single_device(tiny_dirs):
+    """Under a (data, fsdp, tensor) mesh with params sharded by ``vision_param_axes`` and the
+    activation constraints active, the tower gives the single-device numbers."""
+    from ilvr_jax import sharding
+
+    cfg, _, params, _ = load(tiny_dirs, "untied_gqa2")
+    params = jax.tree.map(jnp.asarray, params)
+    grids = [[[1, 8, 12]], [[1, 4, 4], [1, 6, 2]], [[1, 2, 2]], []]
+    samples = [(random_patches(cfg, g, 20 + i), g) for i, g in enumerate(grids)]
+    pv, grid = pack(samples, 96, 2, cfg.patch_dim)
+    ref = np.asarray(forward(params, cfg, pv, grid))
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+    axes = vision.vision_param_axes(cfg)
+    shardings = jax.tree.map(lambda names, x: sharding.named_sharding(mesh, names, x.shape),
+                             axes, params, is_leaf=lambda x: isinstance(x, tuple))
+    sharded = jax.device_put(params, shardings)
+    assert sharded["blocks"]["attn"]["qkv"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()
+    pv_s = jax.device_put(pv, sharding.named_sharding(mesh, ("batch", "patches", None), pv.shape))
+    with sharding.activation_mesh(mesh):
+        fn = jax.jit(vision.vision_forward, static_argnums=1)
+        out = fn(sharded, cfg, pv_s, grid)
+    assert out.sharding.spec[0] is not None  # the batch axis stays sharded
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
