@@ -56,6 +56,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     c.data.worker_count = 2
     c.data.drop_policy = "skip"          # "skip" (count + log) or "error"
     c.data.drop_remainder = False
+    c.data.generate_records = 0          # adapter "maze" without train_path: mazes generated into the workdir
+    c.data.maze_sizes = (3, 6)           # grid sizes of generated mazes
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5
@@ -76,6 +78,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     c.train.nan_policy = "stop"          # "stop" or "skip" a step with a non-finite loss
     c.train.init_from = ""               # stage 2: the stage-1 workdir (or workdir/checkpoints/STEP)
     c.train.export_at_end = True         # write an HF directory of the final student
+    c.train.loss_normalization = "sample"  # "sample": the reference's per-sample mean; "token": HF token mean
+    c.train.stage2_chunk_len = 0         # stage 2: text-chunk window (0 = the sequence length, always valid)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)            # (data, fsdp, tensor); -1 = all remaining devices
@@ -92,9 +96,11 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.model.remat_policy = "none"
         c.data.adapter = "maze"          # generated into the workdir
         c.data.train_path = ""
-        c.data.max_length = 256
+        c.data.generate_records = 64
+        c.data.maze_sizes = (3, 4)
+        c.data.max_length = 640
         c.data.max_question_patches = 256
-        c.data.max_helper_patches = 256
+        c.data.max_helper_patches = 768
         c.data.max_question_images = 1
         c.data.max_segments = 6
         c.data.min_pixels = 4 * 28 * 28

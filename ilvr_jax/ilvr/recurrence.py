@@ -1,0 +1,120 @@
+"""Stage-2 latent recurrence (method section 5), KV-cached.
+
+The input embedding at every latent pad ``t`` is the student's last-layer hidden state
+(after the final norm) at ``t - 1``: ``e_t = h_{t-1}``, for all K pads of every segment,
+left to right, gradients flowing through the recurrence. The reference recomputes the
+whole prefix for every latent; here each text chunk runs once, in parallel, and each
+latent is one cached decoder step:
+
+    chunk 0 = [0, start_1]            (up to and including segment 1's <|latent_start|>)
+    latents of segment 1: K one-token steps, e_{start_1 + k} = h_{start_1 + k - 1}
+    chunk 1 = [end_1, start_2]        (from segment 1's <|latent_end|>)
+    ...
+    chunk M = [end_M, S)
+
+Rows have their segments at different positions, so chunk ``m`` of row ``b`` is gathered
+from that row's own offset into a fixed window of ``chunk_len`` tokens (positions past
+the row's chunk are computed but neither written to the cache nor kept). Cache slots are
+absolute positions, plus one trash slot that absorbs the masked writes. With
+``chunk_len = S`` (the default) any batch is valid; a smaller ``chunk_len`` (at least the
+longest text chunk in the batch; see :func:`max_chunk_length`) brings the cost down to
+about one forward pass over the sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ilvr_jax.model import text as text_lib
+from ilvr_jax.model.config import TextConfig
+
+Params = dict[str, Any]
+
+
+def chunk_bounds(latent_starts: jax.Array, segment_mask: jax.Array, K: int, seq_len: int):
+    """Per row, the [start, end) of text chunks 0..M: ([B, M+1], [B, M+1]).
+
+    Chunk m ends after segment m's ``<|latent_start|>`` (or at S when the row has no
+    segment m); chunk m >= 1 starts at segment m-1's ``<|latent_end|>`` (or is empty, start
+    = S, when the row has no segment m-1)."""
+    b = latent_starts.shape[0]
+    seg = segment_mask.astype(bool)
+    s = jnp.int32(seq_len)
+    starts = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
+                              jnp.where(seg, latent_starts + K + 1, s).astype(jnp.int32)], axis=1)
+    ends = jnp.concatenate([jnp.where(seg, latent_starts + 1, s).astype(jnp.int32),
+                            jnp.full((b, 1), s, jnp.int32)], axis=1)
+    ends = jnp.maximum(ends, starts)
+    return starts, ends
+
+
+def max_chunk_length(latent_starts: np.ndarray, segment_mask: np.ndarray, K: int, seq_len: int) -> int:
+    """Host-side: the longest text chunk of a batch (the smallest valid ``chunk_len``)."""
+    starts, ends = chunk_bounds(jnp.asarray(latent_starts), jnp.asarray(segment_mask), K, seq_len)
+    return int(np.max(np.asarray(ends) - np.asarray(starts)))
+
+
+def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array,
+                              attention_mask: jax.Array, position_ids: jax.Array,
+                              latent_starts: jax.Array, segment_mask: jax.Array, K: int, *,
+                              chunk_len: int | None = None, dtype=jnp.float32,
+                              remat_policy: str = "none", attn_impl: str | None = None) -> jax.Array:
+    """Last-layer hidden states [B, S, D] of the sequence with every latent pad's input
+    replaced by the previous position's hidden state (``embeds`` at the pads is ignored).
+
+    embeds [B, S, D] (token embeddings with image features merged), attention_mask [B, S],
+    position_ids [3, B, S] (M-RoPE ids of the whole sequence), latent_starts / segment_mask
+    [B, M] (the contract layout), K latents per segment.
+    """
+    b, s, d = embeds.shape
+    c = int(chunk_len or s)
+    if c < 1 or c > s:
+        raise ValueError(f"chunk_len must be in [1, {s}], got {c}")
+    trash = s  # the extra cache slot for masked writes
+    valid_tok = jnp.asarray(attention_mask).astype(bool)
+    seg = segment_mask.astype(bool)
+    m_max = latent_starts.shape[1]
+    starts, ends = chunk_bounds(latent_starts, seg, K, s)
+    cache = text_lib.init_cache(cfg, b, s + 1, dtype)
+    rows = jnp.arange(b)[:, None]
+
+    def run(x, pos_ids, slots, write, cache):
+        # ``write``: the token is real and its key/value enters the cache.
+        return text_lib.decoder_forward(params_text, cfg, x, pos_ids, write, cache=cache, slots=slots,
+                                        dtype=dtype, remat_policy=remat_policy, attn_impl=attn_impl)
+
+    def text_chunk(cache, out, m):
+        pos = starts[:, m][:, None] + jnp.arange(c, dtype=jnp.int32)[None]          # [B, C]
+        inside = pos < ends[:, m][:, None]
+        pos_c = jnp.minimum(pos, s - 1)
+        slots = jnp.where(inside, pos_c, trash)
+        x = embeds[rows, pos_c]
+        pos_ids = position_ids[:, rows, pos_c]
+        h, cache = run(x, pos_ids, slots, inside & valid_tok[rows, pos_c], cache)
+        out = out.at[rows, slots].set(jnp.where(inside[..., None], h, out[rows, slots]))
+        last = jnp.clip(ends[:, m] - 1 - starts[:, m], 0, c - 1)
+        h_last = h[jnp.arange(b), last]                                             # [B, D]
+        return cache, out, h_last
+
+    def latent_step(carry, k, m):
+        cache, out, h_prev = carry
+        present = seg[:, m]
+        p = latent_starts[:, m] + 1 + k
+        slot = jnp.where(present, jnp.minimum(p, s - 1), trash)[:, None]           # [B, 1]
+        pos_ids = position_ids[:, rows, jnp.minimum(p, s - 1)[:, None]]
+        h, cache = run(h_prev[:, None, :].astype(dtype), pos_ids, slot,
+                       (present & valid_tok[jnp.arange(b), jnp.minimum(p, s - 1)])[:, None], cache)
+        out = out.at[rows, slot].set(jnp.where(present[:, None, None], h, out[rows, slot]))
+        return (cache, out, h[:, 0]), None
+
+    out = jnp.zeros((b, s + 1, d), dtype)
+    for m in range(m_max + 1):  # static: M_max + 1 chunks and M_max * K latent steps
+        cache, out, h_last = text_chunk(cache, out, m)
+        if m < m_max:
+            (cache, out, _), _ = jax.lax.scan(lambda carry, k: latent_step(carry, k, m),
+                                              (cache, out, h_last), jnp.arange(K, dtype=jnp.int32))
+    return out[:, :s]

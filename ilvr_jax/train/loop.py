@@ -1,0 +1,433 @@
+"""The training program: config -> model, data, mesh, state -> steps, logs, checkpoints.
+
+``train_and_evaluate(config, workdir)`` is what ``python -m ilvr_jax.main`` calls. A
+restart with the same workdir resumes from the newest readable checkpoint (state, rng and
+data position), so a killed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ilvr_jax import ilvr
+from ilvr_jax.model import qwen25vl
+from ilvr_jax.model.config import ModelConfig
+from ilvr_jax.model.layers import REMAT_POLICIES
+from ilvr_jax.train import checkpoints as ckpt_lib
+from ilvr_jax.train import mesh as mesh_lib
+from ilvr_jax.train import metrics as metrics_lib
+from ilvr_jax.train import optimizer as opt_lib
+from ilvr_jax.train import step as step_lib
+
+logger = logging.getLogger("ilvr_jax")
+
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ADAPTERS = ("canonical", "comt", "vsp", "zebra", "maze")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; raised before anything expensive starts."""
+
+
+# ----------------------------------------------------------------------------- validation
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Every value checked before any model, data or device work starts."""
+    errs = []
+
+    def need(cond, msg):
+        if not cond:
+            errs.append(msg)
+
+    need(c.stage in (1, 2), f"stage must be 1 or 2, got {c.stage}")
+    need(c.model.init in ("hf", "tiny"), f"model.init must be 'hf' or 'tiny', got {c.model.init!r}")
+    need(c.model.compute_dtype in DTYPES, f"model.compute_dtype must be one of {sorted(DTYPES)}")
+    need(c.ilvr.teacher_dtype in DTYPES, f"ilvr.teacher_dtype must be one of {sorted(DTYPES)}")
+    need(c.model.remat_policy in REMAT_POLICIES,
+         f"model.remat_policy {c.model.remat_policy!r} unknown; choose from {sorted(REMAT_POLICIES)}")
+    need(c.model.attn_impl in ("xla", "cudnn", "reference"),
+         f"model.attn_impl must be xla, cudnn or reference, got {c.model.attn_impl!r}")
+    need(int(c.ilvr.latent_size) >= 1, f"ilvr.latent_size (K) must be >= 1, got {c.ilvr.latent_size}")
+    need(0.0 < float(c.ilvr.top_p) <= 1.0, f"ilvr.top_p must be in (0, 1], got {c.ilvr.top_p}")
+    need(int(c.ilvr.num_candidates) >= 1, f"ilvr.num_candidates (L) must be >= 1, got {c.ilvr.num_candidates}")
+    need(0.0 <= float(c.ilvr.ema_decay) <= 1.0, f"ilvr.ema_decay must be in [0, 1], got {c.ilvr.ema_decay}")
+    need(float(c.ilvr.noise_scale) >= 0, f"ilvr.noise_scale must be >= 0, got {c.ilvr.noise_scale}")
+    need(c.data.adapter in ADAPTERS, f"data.adapter {c.data.adapter!r} unknown; choose from {', '.join(ADAPTERS)}")
+    need(int(c.data.batch_size) >= 1, f"data.batch_size must be >= 1, got {c.data.batch_size}")
+    need(int(c.optim.grad_accum_steps) >= 1, f"optim.grad_accum_steps must be >= 1")
+    need(int(c.data.batch_size) % int(c.optim.grad_accum_steps) == 0,
+         f"data.batch_size {c.data.batch_size} must be divisible by optim.grad_accum_steps "
+         f"{c.optim.grad_accum_steps}")
+    need(float(c.optim.lr) > 0, f"optim.lr must be > 0, got {c.optim.lr}")
+    need(c.optim.schedule in ("linear", "constant", "cosine"), f"optim.schedule {c.optim.schedule!r} unknown")
+    need(c.train.nan_policy in ("stop", "skip"), f"train.nan_policy must be 'stop' or 'skip'")
+    need(c.train.loss_normalization in ("sample", "token"),
+         f"train.loss_normalization must be 'sample' or 'token', got {c.train.loss_normalization!r}")
+    need(int(c.train.num_steps) > 0 or int(c.train.num_epochs) >= 1,
+         "set train.num_steps > 0 or train.num_epochs >= 1")
+    need(int(c.train.log_every) >= 1 and int(c.train.checkpoint_every) >= 1,
+         "train.log_every and train.checkpoint_every must be >= 1")
+    need(len(tuple(c.mesh.shape)) == 3, f"mesh.shape must be (data, fsdp, tensor), got {tuple(c.mesh.shape)}")
+    # Paths.
+    if c.stage == 2:
+        need(bool(c.train.init_from), "stage 2 needs train.init_from: the stage-1 workdir (or one of its "
+                                      "checkpoint step directories)")
+        if c.train.init_from:
+            try:
+                ckpt_lib.resolve_step_dir(c.train.init_from)
+            except FileNotFoundError as e:
+                errs.append(f"train.init_from: {e}")
+            if not os.path.isfile(os.path.join(_run_root(c.train.init_from), MODEL_CONFIG_FILE)):
+                errs.append(f"train.init_from: {c.train.init_from} holds no {MODEL_CONFIG_FILE} "
+                            "(not a stage-1 workdir)")
+    elif c.model.init == "hf":
+        if not c.model.hf_dir:
+            errs.append("model.hf_dir is required (a local Qwen2.5-VL directory) with model.init='hf'")
+        elif not os.path.isfile(os.path.join(c.model.hf_dir, "config.json")):
+            errs.append(f"model.hf_dir: {c.model.hf_dir} has no config.json")
+    if c.data.adapter != "maze" or c.data.train_path:
+        if not c.data.train_path:
+            errs.append(f"data.train_path is required for adapter {c.data.adapter!r}")
+        elif not os.path.exists(c.data.train_path):
+            errs.append(f"data.train_path: {c.data.train_path} does not exist")
+    if c.data.image_root and not os.path.isdir(c.data.image_root):
+        errs.append(f"data.image_root: {c.data.image_root} is not a directory")
+    if errs:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+
+def _run_root(path: str) -> str:
+    """The workdir of a workdir / checkpoints dir / step dir path."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, ckpt_lib.STATE)):
+        path = os.path.dirname(path)
+    if os.path.basename(path) == "checkpoints":
+        path = os.path.dirname(path)
+    return path
+
+
+def check_mesh(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    n = jax.device_count()
+    shape = [int(s) for s in c.mesh.shape]
+    try:
+        mesh = mesh_lib.make_mesh(shape)
+    except ValueError as e:
+        raise ConfigError(f"mesh.shape: {e}") from None
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_micro = int(c.data.batch_size) // int(c.optim.grad_accum_steps)
+    if per_micro % dp:
+        raise ConfigError(f"the micro-batch ({c.data.batch_size} / {c.optim.grad_accum_steps} accumulation "
+                          f"steps = {per_micro}) must be divisible by data x fsdp = {dp} ({n} devices)")
+    if int(c.data.batch_size) % jax.process_count():
+        raise ConfigError(f"data.batch_size {c.data.batch_size} must be divisible by the process count "
+                          f"{jax.process_count()}")
+    return mesh
+
+
+# ----------------------------------------------------------------------------- model
+def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConfig, Any, str]:
+    """(model config, initial params or None for stage 2, tokenizer dir with latent tokens).
+
+    The tokenizer (with the latent tokens) and the model config are written into the
+    workdir, so stage 2, export and evaluation read exactly what training used."""
+    tok_dir = os.path.join(workdir, TOKENIZER_DIR)
+    cfg_path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    K = int(c.ilvr.latent_size)
+    if c.stage == 2:
+        src = _run_root(c.train.init_from)
+        cfg = ModelConfig.from_hf(os.path.join(src, MODEL_CONFIG_FILE))
+        if cfg.latent_size not in (None, K):
+            logger.warning("stage 1 used latent_size %s, this run uses %d", cfg.latent_size, K)
+        cfg = cfg.replace(latent_size=K)
+        if os.path.abspath(src) != os.path.abspath(workdir):
+            _copy_tree(os.path.join(src, TOKENIZER_DIR), tok_dir)
+        _write_json(cfg_path, cfg.to_hf_dict())
+        return cfg, None, tok_dir
+    from ilvr_jax.checkpoint.latent_tokens import add_latent_tokens
+
+    if c.model.init == "tiny":
+        from ilvr_jax import tiny
+
+        tok = tiny.build_tokenizer()
+        cfg = ModelConfig.from_hf(tiny.hf_config(tok, c.model.tiny_shape, latent_size=K))
+        params = jax.jit(qwen25vl.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(int(c.seed)))
+        params = jax.tree.map(np.asarray, params)
+    else:
+        from transformers import AutoTokenizer
+
+        from ilvr_jax.checkpoint.hf import load_hf_params
+
+        cfg, params = load_hf_params(c.model.hf_dir)
+        tok = AutoTokenizer.from_pretrained(c.model.hf_dir)
+    tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K)
+    tok.save_pretrained(tok_dir)
+    if c.model.init == "hf":
+        # processor/chat-template files travel with the tokenizer (export copies them).
+        from ilvr_jax.checkpoint.hf import copy_tokenizer_files
+
+        copy_tokenizer_files(c.model.hf_dir, tok_dir)
+    _write_json(cfg_path, cfg.to_hf_dict())
+    return cfg, params, tok_dir
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    if not os.path.isdir(src):
+        raise ConfigError(f"{src}: missing (expected the stage-1 run's tokenizer)")
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, str | None]:
+    """(canonical JSONL path, image root or None). Non-canonical sources are converted
+    once into the workdir; the maze adapter without a path generates a data set there."""
+    from ilvr_jax.data import records as rec_lib
+
+    data_dir = os.path.join(workdir, "data")
+    root = c.data.image_root or None
+    if c.data.adapter == "canonical":
+        return c.data.train_path, root
+    out = os.path.join(data_dir, "train.jsonl")
+    if os.path.isfile(out):
+        return out, None
+    os.makedirs(data_dir, exist_ok=True)
+    if c.data.adapter == "maze" and not c.data.train_path:
+        from ilvr_jax.data import maze
+
+        if jax.process_index() == 0:
+            maze.generate_maze_dataset(data_dir, n=int(c.data.generate_records), seed=int(c.seed),
+                                       sizes=tuple(c.data.maze_sizes), filename="train.jsonl.tmp")
+            os.replace(os.path.join(data_dir, "train.jsonl.tmp"), out)
+        _wait_for(out)
+        return out, None
+    from ilvr_jax.data.adapters import get_adapter, relative_paths
+
+    adapter = get_adapter(c.data.adapter)
+    kwargs = {"image_root": root} if c.data.adapter != "zebra" else {"out_dir": data_dir}
+    if jax.process_index() == 0:
+        tmp = out + ".tmp"
+        rec_lib.write_jsonl(tmp, (relative_paths(r, data_dir) for r in
+                                  adapter.iter_records(c.data.train_path, **kwargs)))
+        os.replace(tmp, out)
+    _wait_for(out)
+    return out, None
+
+
+def _wait_for(path: str, timeout: float = 3600.0) -> None:
+    t0 = time.time()
+    while not os.path.exists(path):
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"waited {timeout:.0f}s for {path} (written by process 0)")
+        time.sleep(1.0)
+
+
+def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int):
+    from ilvr_jax.data.pipeline import DataConfig
+
+    return DataConfig(
+        batch_size=stage_batch_per_process,
+        max_length=int(c.data.max_length),
+        max_question_images=int(c.data.max_question_images),
+        max_question_patches=int(c.data.max_question_patches),
+        max_helper_patches=int(c.data.max_helper_patches),
+        max_segments=int(c.data.max_segments),
+        latent_size=int(c.ilvr.latent_size),
+        min_pixels=int(c.data.min_pixels),
+        max_pixels=int(c.data.max_pixels),
+        seed=int(c.seed),
+        shuffle=bool(c.data.shuffle),
+        num_epochs=None if int(c.train.num_steps) > 0 else int(c.train.num_epochs),
+        drop_remainder=bool(c.data.drop_remainder),
+        drop_policy=c.data.drop_policy,
+        worker_count=int(c.data.worker_count),
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> step_lib.StepConfig:
+    return step_lib.StepConfig(
+        model=model_cfg,
+        stage=int(c.stage),
+        latent_size=int(c.ilvr.latent_size),
+        top_p=float(c.ilvr.top_p),
+        num_candidates=int(c.ilvr.num_candidates),
+        ema_decay=float(c.ilvr.ema_decay),
+        ce_weight=float(c.ilvr.ce_weight),
+        sim_weight=float(c.ilvr.sim_weight),
+        noise_scale=float(c.ilvr.noise_scale),
+        grad_accum_steps=int(c.optim.grad_accum_steps),
+        compute_dtype=DTYPES[c.model.compute_dtype],
+        teacher_dtype=DTYPES[c.ilvr.teacher_dtype],
+        remat_policy=c.model.remat_policy,
+        attn_impl=None if c.model.attn_impl == "xla" else c.model.attn_impl,
+        frozen_patterns=tuple(c.optim.frozen),
+        nan_policy=c.train.nan_policy,
+        loss_normalization=c.train.loss_normalization,
+        stage2_chunk_len=int(c.train.stage2_chunk_len) or None,
+    )
+
+
+def _host_batch_checks(batch: dict[str, np.ndarray], scfg: step_lib.StepConfig) -> None:
+    """Bad segment layouts fail here, naming the sample, never as a wrong loss in jit."""
+    ilvr.validate_segments(batch["input_ids"], batch["attention_mask"], batch["latent_starts"],
+                           batch["segment_mask"] & batch["sample_mask"][:, None], batch["helper_grid_thw"],
+                           batch["assistant_start"], scfg.latent_size, scfg.token_ids, p=scfg.top_p,
+                           merge_unit=scfg.model.vision.merge_unit)
+
+
+def _to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Runs (or resumes) a training run; returns the last logged metrics."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    c = config
+    validate_config(c)
+    if c.mesh.distributed:
+        jax.distributed.initialize()
+    mesh = check_mesh(c)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    print("resolved config:\n" + str(c), flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+
+    model_cfg, params, tok_dir = prepare_model(c, workdir)
+    train_path, root = prepare_data(c, workdir)
+    from ilvr_jax.data.pipeline import DataPipeline
+
+    per_process = int(c.data.batch_size) // jax.process_count()
+    pipe = DataPipeline.from_jsonl(train_path, tok_dir, data_config(c, per_process), root=root)
+    info = pipe.describe()
+    logger.info("data: %s", json.dumps(info))
+    if pipe.num_records == 0:
+        raise ConfigError(f"{train_path}: no usable records (dropped: {info['dropped']})")
+    total_steps = int(c.train.num_steps) if int(c.train.num_steps) > 0 else \
+        int(c.train.num_epochs) * pipe.plan.batches_per_epoch
+    tx, schedule = opt_lib.make_optimizer(lr=float(c.optim.lr), weight_decay=float(c.optim.weight_decay),
+                                          warmup_steps=int(c.optim.warmup_steps), total_steps=total_steps,
+                                          clip_norm=float(c.optim.clip_norm), schedule=c.optim.schedule)
+    scfg = step_config(c, model_cfg)
+
+    # Abstract state -> shardings; restore or initialise.
+    param_shapes = jax.eval_shape(lambda: qwen25vl.init_params(model_cfg, jax.random.PRNGKey(0)))
+    abstract = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx, scfg, jax.random.PRNGKey(0)),
+                              param_shapes)
+    st_sh = step_lib.state_shardings(mesh, abstract, scfg, tx)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh)
+    manager = ckpt_lib.make_manager(workdir, save_every=int(c.train.checkpoint_every),
+                                    keep=int(c.train.keep_checkpoints),
+                                    async_save=bool(c.train.async_checkpoints))
+    restored = ckpt_lib.restore_latest(manager, abstract)
+    if restored is not None:
+        start_step, state, data_state = restored
+        logger.info("resumed from %s at step %d", manager.directory, start_step)
+    else:
+        start_step, data_state = 0, None
+        if c.stage == 2:
+            src = ckpt_lib.resolve_step_dir(c.train.init_from)
+            logger.info("stage 2: student parameters from %s", src)
+            params = _restore_params(src, abstract.params)
+        params = jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), params,
+                              abstract.params)
+        init = jax.jit(lambda p, r: step_lib.init_train_state(p, tx, scfg, r), out_shardings=st_sh)
+        state = init(params, jax.random.PRNGKey(int(c.seed)))
+    del params
+    it = pipe.iterator(data_state)
+
+    batch_shapes = {k: jax.ShapeDtypeStruct((int(c.data.batch_size),) + tuple(v.shape[1:]), v.dtype)
+                    for k, v in _example_batch(pipe).items()}
+    b_sh = step_lib.batch_shardings(mesh, batch_shapes)
+    train = step_lib.compile_train_step(scfg, tx, schedule, mesh, abstract, batch_shapes)
+
+    flops = metrics_lib.step_flops(
+        model_cfg, stage=scfg.stage, batch=int(c.data.batch_size), seq_len=int(c.data.max_length),
+        question_patches=int(c.data.max_question_patches), helper_patches=int(c.data.max_helper_patches),
+        vision_trainable=not any(p.startswith("visual") for p in scfg.frozen_patterns))
+    thr = metrics_lib.Throughput(flops, jax.device_count(), metrics_lib.peak_flops_per_device())
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    config_json = json.loads(c.to_json_best_effort())
+    last: dict[str, float] = {}
+    logger.info("training steps %d..%d (stage %d, %d devices, mesh %s)", start_step, total_steps, scfg.stage,
+                jax.device_count(), dict(mesh.shape))
+    step = start_step
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, disable=jax.process_index() != 0,
+                   dynamic_ncols=True, file=sys.stdout)
+        while step < total_steps:
+            try:
+                host_batch = next(it)
+            except StopIteration:
+                logger.info("data exhausted at step %d", step)
+                break
+            _host_batch_checks(host_batch, scfg)
+            state, m = train(state, _to_global(host_batch, b_sh))
+            step += 1
+            bar.update(1)
+            if not bool(m["finite"]):
+                msg = f"non-finite loss or gradient at step {step} (loss={float(m['loss'])})"
+                if scfg.nan_policy == "stop":
+                    raise FloatingPointError(msg + "; stopping without saving (nan_policy='stop')")
+                logger.warning("%s; step skipped (nan_policy='skip')", msg)
+            thr.update(float(m["tokens"]))
+            if step % int(c.train.log_every) == 0 or step == total_steps:
+                scalars = {k: float(v) for k, v in m.items() if k != "finite"}
+                scalars.update({k: v for k, v in thr.read().items() if v is not None})
+                writer.write(step, scalars)
+                last = scalars
+                bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "ce", "sim", "kstar")
+                                 if k in scalars})
+                logger.info("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
+            ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=step == total_steps)
+        bar.close()
+    finally:
+        manager.wait_until_finished()
+        writer.close()
+    if c.train.export_at_end and jax.process_index() == 0:
+        from ilvr_jax.checkpoint.hf import export_params_to_hf
+
+        out = os.path.join(workdir, "export_hf")
+        export_params_to_hf(jax.tree.map(np.asarray, state.params), model_cfg, out, tok_dir)
+        logger.info("exported the student to %s", out)
+    logger.info("done: checkpoints in %s, TensorBoard logs in %s", manager.directory, writer.path)
+    return last
+
+
+def _restore_params(step_dir: str, abstract_params: Any) -> Any:
+    restored = ckpt_lib.restore_state_item(step_dir)
+    params = restored["params"]
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    want = jax.tree.map(lambda a: tuple(a.shape), abstract_params)
+    if got != want:
+        raise ConfigError(f"{step_dir}: the stage-1 parameters do not match this model config")
+    return params
+
+
+def _example_batch(pipe) -> dict[str, np.ndarray]:
+    """One batch's arrays (shapes and dtypes) without consuming the training iterator."""
+    return next(iter(pipe.iterator()))

@@ -1,0 +1,147 @@
+"""Run metrics: analytic FLOPs per step, MFU, and writers (console + TensorBoard).
+
+FLOPs are counted from the config, not from XLA's cost model (which counts a scanned
+layer body once and cannot see custom kernels): 2 FLOPs per multiply-add, a backward
+pass costs twice its forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from ilvr_jax.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, by ``jax.Device.device_kind`` (prefix match).
+PEAK_FLOPS = {
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v4": 275e12,
+    "TPU v3": 123e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    """Peak bf16 FLOP/s of ``device`` from the table, or None (CPU, unknown kinds)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for prefix, flops in PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return flops
+    return None
+
+
+def lm_matmul_params(cfg: ModelConfig) -> int:
+    """Multiply-adds per token of the language model's matmuls (incl. lm_head)."""
+    t = cfg.text
+    hd = t.head_dim
+    attn = t.hidden_size * (t.num_attention_heads * hd) * 2 + t.hidden_size * (t.num_key_value_heads * hd) * 2
+    mlp = 3 * t.hidden_size * t.intermediate_size
+    return t.num_hidden_layers * (attn + mlp) + t.hidden_size * t.vocab_size
+
+
+def vision_matmul_params(cfg: ModelConfig) -> int:
+    """Multiply-adds per patch of the vision tower (merger counted per patch)."""
+    v = cfg.vision
+    block = 4 * v.hidden_size * v.hidden_size + 3 * v.hidden_size * v.intermediate_size
+    merger = (v.merge_unit * v.hidden_size) ** 2 + v.merge_unit * v.hidden_size * v.out_hidden_size
+    return v.patch_dim * v.hidden_size + v.depth * block + merger // v.merge_unit
+
+
+def step_flops(cfg: ModelConfig, *, stage: int, batch: int, seq_len: int, question_patches: int,
+               helper_patches: int, vision_trainable: bool = False) -> float:
+    """Analytic FLOPs of one optimizer step over a padded global batch.
+
+    Student LM: forward + backward (6 per multiply-add-parameter per token) plus causal
+    attention scores (QK^T and PV: 2 * 2 * S^2/2 * H * hd per layer forward, x3 with the
+    backward). Stage 1 adds one teacher LM forward (2N + attention) and the teacher's
+    vision tower on helper images; question images go through the vision tower once
+    (forward only when it is frozen). Vision attention is counted as full within the
+    padded patch count (an upper bound for windowed blocks).
+    """
+    t, v = cfg.text, cfg.vision
+    tokens = batch * seq_len
+    n_lm = lm_matmul_params(cfg)
+    attn_fwd = 2 * 2 * (seq_len * seq_len / 2) * t.num_attention_heads * t.head_dim * t.num_hidden_layers * batch
+    student = 6 * n_lm * tokens + 3 * attn_fwd
+    n_vis = vision_matmul_params(cfg)
+
+    def vision(patches):
+        attn = 2 * 2 * patches * patches * v.hidden_size * v.depth * batch
+        return 2 * n_vis * patches * batch + attn
+
+    flops = student + vision(question_patches) * (3 if vision_trainable else 1)
+    if stage == 1:
+        flops += 2 * n_lm * tokens + attn_fwd + vision(helper_patches)
+    return float(flops)
+
+
+class MetricWriter:
+    """Console lines + TensorBoard scalars (``workdir/tensorboard``) + a JSONL log."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "tensorboard")
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(self.path)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            if v is not None:
+                self._tb.add_scalar(f"train/{k}", float(v), step)
+        self._jsonl.write(json.dumps({"step": step, **{k: (None if v is None else float(v))
+                                                        for k, v in scalars.items()}}) + "\n")
+        self._jsonl.flush()
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+class Throughput:
+    """Tokens/s and MFU between log points (wall clock, after the step's results are ready)."""
+
+    def __init__(self, flops_per_step: float, num_devices: int, peak: float | None):
+        self.flops_per_step = flops_per_step
+        self.num_devices = num_devices
+        self.peak = peak
+        self._t = time.perf_counter()
+        self._steps = 0
+        self._tokens = 0.0
+
+    def update(self, tokens: float) -> None:
+        self._steps += 1
+        self._tokens += tokens
+
+    def read(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        dt = max(now - self._t, 1e-9)
+        out = {"tokens_per_s": self._tokens / dt, "step_time_s": dt / max(self._steps, 1)}
+        achieved = self.flops_per_step * self._steps / dt / self.num_devices
+        out["tflops_per_device"] = achieved / 1e12
+        out["mfu"] = achieved / self.peak if self.peak else None
+        self._t, self._steps, self._tokens = now, 0, 0.0
+        return out

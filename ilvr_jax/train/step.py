@@ -1,0 +1,355 @@
+"""The ILVR train step: one function, compiled once per (stage, shapes), sharded by pjit.
+
+    state, batch, rng -> new state, metrics
+
+Stage 1: one teacher forward (no gradient) gives the user summary, per-segment text means
+and the helper-image candidates; ``select_helper_patches`` picks each segment's targets;
+the student is teacher-forced with them and trained on CE + latent alignment. The
+momentum teacher is then moved towards the student (EMA).
+Stage 2: the student feeds its own last hidden states back into the latent pads
+(KV-cached recurrence) and is trained on CE alone.
+
+Gradient accumulation runs inside the step as a ``lax.scan`` over micro-batches, so one
+call is one optimizer update. Loss normalisation (``loss_normalization``):
+"sample" (default) reproduces the reference, which trains one sample per micro-batch and
+divides each micro-batch loss by the accumulation steps: the loss is the mean over the
+real samples of the global batch of (ce_weight * token-mean CE_b + sim_weight * L_sim_b),
+a sample without latent segments adding 0 to the alignment term. "token" takes the CE as
+the token mean over the whole global batch (HF's Trainer at batch > 1) and keeps the
+alignment term's sample mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ilvr_jax import sharding as sh
+from ilvr_jax import ilvr
+from ilvr_jax.model import qwen25vl, rope, vision
+from ilvr_jax.model.config import ModelConfig
+from ilvr_jax.train import optimizer as opt_lib
+
+Params = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw",
+              "helper_pixel_values", "helper_grid_thw", "latent_starts", "segment_mask",
+              "assistant_start", "sample_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly.
+
+    ``params``: the student, full tree (trainable and frozen leaves).
+    ``teacher``: the momentum teacher's *trainable* leaves only, kept in fp32; its frozen
+    leaves are the student's (a frozen leaf's EMA is itself), which saves their memory and
+    makes the question-image features of student and teacher identical.
+    ``opt_state``: optimizer state of the trainable leaves only.
+    """
+
+    step: jax.Array
+    params: Params
+    teacher: Params | None
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the step (hashable; part of the compiled program)."""
+
+    model: ModelConfig
+    stage: int = 1
+    latent_size: int = 8               # K
+    top_p: float = 0.9                 # p
+    num_candidates: int = 256          # L
+    ema_decay: float = 0.999
+    ce_weight: float = 1.0
+    sim_weight: float = 1.0
+    noise_scale: float = 0.01
+    grad_accum_steps: int = 1
+    compute_dtype: Any = jnp.float32
+    teacher_dtype: Any = jnp.float32
+    remat_policy: str = "none"
+    attn_impl: str | None = None
+    frozen_patterns: tuple[str, ...] = ("visual/.*",)
+    nan_policy: str = "stop"           # "stop": report non-finite loss; "skip": also keep the old state
+    loss_normalization: str = "sample"  # "sample" (the reference) or "token"
+    stage2_chunk_len: int | None = None  # text-chunk window of the stage-2 recurrence (None = S)
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.latent_size < 1:
+            raise ValueError(f"latent_size K must be >= 1, got {self.latent_size}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_candidates < 1:
+            raise ValueError(f"num_candidates L must be >= 1, got {self.num_candidates}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.loss_normalization not in ("sample", "token"):
+            raise ValueError(f"loss_normalization must be 'sample' or 'token', got {self.loss_normalization!r}")
+        m = self.model
+        if None in (m.latent_pad_token_id, m.latent_start_token_id, m.latent_end_token_id):
+            raise ValueError("the model config has no latent token ids; add the latent tokens first")
+
+    @property
+    def token_ids(self) -> ilvr.SpecialTokens:
+        return ilvr.SpecialTokens.from_config(self.model)
+
+
+# ----------------------------------------------------------------------------- state
+def init_train_state(params: Params, tx: optax.GradientTransformation, cfg: StepConfig,
+                     rng: jax.Array) -> TrainState:
+    """Fresh state: teacher = student (trainable leaves, in ``teacher_dtype``)."""
+    trainable, _ = opt_lib.split_frozen(params, cfg.frozen_patterns)
+    teacher = None
+    if cfg.stage == 1:
+        teacher = jax.tree.map(lambda x: jnp.array(x, cfg.teacher_dtype), trainable)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, teacher=teacher,
+                      opt_state=tx.init(trainable), rng=rng)
+
+
+# ----------------------------------------------------------------------------- pieces
+def _question_features(params: Params, cfg: StepConfig, batch: Batch) -> jax.Array:
+    """Merged vision tokens [B, Pq//4, D] of the question images."""
+    return vision.vision_forward(params["visual"], cfg.model.vision, batch["pixel_values"],
+                                 batch["image_grid_thw"], dtype=cfg.compute_dtype,
+                                 remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl)
+
+
+def teacher_targets(teacher_params: Params, cfg: StepConfig, batch: Batch,
+                    question_feats: jax.Array, position_ids: jax.Array) -> ilvr.Selection:
+    """One teacher forward for all segments -> each segment's selected targets (no gradient).
+
+    Latent pads keep their plain token embedding; question images are in; helper images
+    go through the teacher's vision tower only, as candidates."""
+    m = cfg.model
+    ids = cfg.token_ids
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    input_ids = batch["input_ids"]
+    tok_embeds = qwen25vl.embed_tokens(teacher_params, input_ids)
+    embeds = qwen25vl.merge_image_features(tok_embeds.astype(cfg.compute_dtype), input_ids,
+                                           question_feats.astype(cfg.compute_dtype), m)
+    out = qwen25vl.forward(teacher_params, m, input_ids, batch["attention_mask"], inputs_embeds=embeds,
+                           position_ids=position_ids, dtype=cfg.compute_dtype,
+                           attn_impl=cfg.attn_impl, return_logits=False)
+    hidden = out.hidden.astype(jnp.float32)
+    last = jax.tree.map(lambda x: x[-1], teacher_params["text"]["layers"]["self_attn"])
+    img_index, img_valid = ilvr.image_rows(batch["image_grid_thw"], question_feats.shape[1],
+                                           m.vision.merge_unit)
+    u = ilvr.user_summary(
+        hidden, input_ids, batch["attention_mask"], batch["assistant_start"],
+        last["q_proj"], last["k_proj"], num_heads=m.text.num_attention_heads,
+        num_kv_heads=m.text.num_key_value_heads, ids=ids,
+        token_embeds=tok_embeds.astype(jnp.float32), question_feats=question_feats.astype(jnp.float32),
+        question_image_index=img_index, question_feat_mask=img_valid)
+    t, t_present = ilvr.segment_text_means(
+        hidden, input_ids, batch["attention_mask"], batch["latent_starts"], batch["segment_mask"],
+        batch["assistant_start"], cfg.latent_size, ids)
+    helper = vision.vision_forward(teacher_params["visual"], m.vision, batch["helper_pixel_values"],
+                                   batch["helper_grid_thw"], dtype=cfg.compute_dtype,
+                                   attn_impl=cfg.attn_impl)
+    cands, cand_mask = ilvr.pool_candidates(helper.astype(jnp.float32), batch["helper_grid_thw"],
+                                            cfg.num_candidates, m.vision.merge_unit)
+    return ilvr.select_helper_patches(u, t, t_present, cands, cand_mask, batch["segment_mask"],
+                                      cfg.latent_size, cfg.top_p)
+
+
+def _input_embeds(params: Params, cfg: StepConfig, batch: Batch, question_feats: jax.Array) -> jax.Array:
+    ids = batch["input_ids"]
+    embeds = qwen25vl.embed_tokens(params, ids).astype(cfg.compute_dtype)
+    return qwen25vl.merge_image_features(embeds, ids, question_feats.astype(cfg.compute_dtype), cfg.model)
+
+
+def student_stage1(params: Params, cfg: StepConfig, batch: Batch, question_feats: jax.Array,
+                   position_ids: jax.Array, sel: ilvr.Selection, noise_key: jax.Array):
+    """Teacher-forced student forward -> (CE sum [B], CE count [B], L_sim [B], pairs [B])."""
+    embeds = _input_embeds(params, cfg, batch, question_feats)
+    embeds, fed_mask = ilvr.teacher_forcing_embeds(
+        embeds, sel.targets.astype(cfg.compute_dtype), sel.kstar, batch["latent_starts"],
+        batch["segment_mask"])
+    out = qwen25vl.forward(params, cfg.model, batch["input_ids"], batch["attention_mask"],
+                           inputs_embeds=embeds, position_ids=position_ids, dtype=cfg.compute_dtype,
+                           remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl)
+    ce_sum, ce_count = ilvr.next_token_ce_per_sample(out.logits, batch["labels"])
+    sim, pairs = ilvr.latent_alignment_loss(out.hidden, embeds, fed_mask, noise_key, cfg.noise_scale)
+    return ce_sum, ce_count, sim, pairs
+
+
+def student_stage2(params: Params, cfg: StepConfig, batch: Batch, question_feats: jax.Array,
+                   position_ids: jax.Array):
+    """Student with its own hidden states fed back into the latent pads -> (CE sum [B], count [B])."""
+    from ilvr_jax.ilvr import recurrence
+
+    embeds = _input_embeds(params, cfg, batch, question_feats)
+    hidden = recurrence.latent_recurrence_forward(
+        params["text"], cfg.model.text, embeds, batch["attention_mask"], position_ids,
+        batch["latent_starts"], batch["segment_mask"], cfg.latent_size, dtype=cfg.compute_dtype,
+        remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl)
+    logits = qwen25vl.lm_logits(params, cfg.model, hidden)
+    return ilvr.next_token_ce_per_sample(logits, batch["labels"])
+
+
+# ----------------------------------------------------------------------------- the step
+def _microbatches(batch: Batch, n: int) -> Batch:
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps {n}")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+_SUMS = ("loss", "ce_sum", "ce_tokens", "sim_sum", "kstar_sum", "segments", "tokens", "pairs")
+
+
+def train_step(state: TrainState, batch: Batch, cfg: StepConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule):
+    """One optimizer update on a global batch. Returns (new_state, metrics)."""
+    batch = dict(batch)
+    sample_mask = batch["sample_mask"].astype(bool)
+    # Padding samples (a short last batch) carry no targets and no segments.
+    batch["labels"] = jnp.where(sample_mask[:, None], batch["labels"], ilvr.IGNORE_INDEX)
+    batch["segment_mask"] = batch["segment_mask"].astype(bool) & sample_mask[:, None]
+    # Global normalisers, known before any forward pass (exact under accumulation).
+    n_samples = jnp.maximum(jnp.sum(sample_mask), 1).astype(jnp.float32)
+    n_tokens = jnp.maximum(jnp.sum(batch["labels"][:, 1:] != ilvr.IGNORE_INDEX), 1).astype(jnp.float32)
+
+    trainable, frozen = opt_lib.split_frozen(state.params, cfg.frozen_patterns)
+    frozen = jax.lax.stop_gradient(frozen)
+    teacher_full = None
+    if cfg.stage == 1:
+        teacher_full = opt_lib.merge_params(state.teacher, frozen)
+    # With the whole vision tower frozen, student and teacher see identical question-image
+    # features (the teacher shares the frozen leaves): compute them once.
+    vision_frozen = "visual" not in trainable
+    rng, step_rng = jax.random.split(state.rng)
+
+    def micro_grads(carry, xs):
+        mb, key = xs
+        grads_acc, sums = carry
+        position_ids, _ = rope.mrope_position_ids(mb["input_ids"], mb["attention_mask"],
+                                                  mb["image_grid_thw"], cfg.model)
+        q_shared = (_question_features(opt_lib.merge_params(trainable, frozen), cfg, mb)
+                    if vision_frozen else None)
+        sel = None
+        if cfg.stage == 1:
+            q_teacher = q_shared if vision_frozen else _question_features(teacher_full, cfg, mb)
+            sel = teacher_targets(teacher_full, cfg, mb, q_teacher, position_ids)
+
+        def loss_fn(tr):
+            params = opt_lib.merge_params(tr, frozen)
+            q_feats = q_shared if vision_frozen else _question_features(params, cfg, mb)
+            if cfg.stage == 1:
+                ce_sum, ce_cnt, sim, pairs = student_stage1(params, cfg, mb, q_feats, position_ids,
+                                                            sel, key)
+            else:
+                ce_sum, ce_cnt = student_stage2(params, cfg, mb, q_feats, position_ids)
+                sim, pairs = jnp.zeros_like(ce_sum), jnp.zeros_like(ce_cnt)
+            real = mb["sample_mask"].astype(jnp.float32)
+            if cfg.loss_normalization == "sample":
+                ce_term = jnp.sum(real * ce_sum / jnp.maximum(ce_cnt, 1)) / n_samples
+            else:
+                ce_term = jnp.sum(ce_sum) / n_tokens
+            sim_term = jnp.sum(real * sim) / n_samples
+            loss = cfg.ce_weight * ce_term + (cfg.sim_weight * sim_term if cfg.stage == 1 else 0.0)
+            aux = dict(loss=loss, ce_sum=ce_term, ce_tokens=jnp.sum(ce_cnt).astype(jnp.float32),
+                       sim_sum=sim_term, pairs=jnp.sum(pairs).astype(jnp.float32))
+            return loss, aux
+
+        (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+        seg = mb["segment_mask"]
+        aux["kstar_sum"] = (jnp.zeros((), jnp.float32) if sel is None
+                            else jnp.sum(jnp.where(seg, sel.kstar, 0)).astype(jnp.float32))
+        aux["segments"] = jnp.sum(seg).astype(jnp.float32)
+        aux["tokens"] = jnp.sum(mb["attention_mask"] * mb["sample_mask"][:, None]).astype(jnp.float32)
+        return (grads_acc, jax.tree.map(jnp.add, sums, aux)), None
+
+    micro = _microbatches(batch, cfg.grad_accum_steps)
+    keys = jax.random.split(step_rng, cfg.grad_accum_steps)
+    zeros_g = jax.tree.map(jnp.zeros_like, trainable)
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in _SUMS}
+    (grads, sums), _ = jax.lax.scan(micro_grads, (zeros_g, zero_sums), (micro, keys))
+
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    new_teacher = state.teacher
+    if cfg.stage == 1:
+        new_teacher = ilvr.ema_update(state.teacher, new_trainable, cfg.ema_decay, cfg.teacher_dtype)
+    new_state = state.replace(step=state.step + 1, params=opt_lib.merge_params(new_trainable, frozen),
+                              teacher=new_teacher, opt_state=new_opt_state, rng=rng)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+    if cfg.nan_policy == "skip":
+        # Keep the previous parameters; the step counter and rng still advance.
+        kept = state.replace(step=state.step + 1, rng=rng)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+    metrics = dict(
+        loss=sums["loss"],
+        ce=sums["ce_sum"],
+        sim=sums["sim_sum"],
+        kstar=sums["kstar_sum"] / jnp.maximum(sums["segments"], 1.0),
+        grad_norm=grad_norm,
+        param_norm=optax.global_norm(new_trainable),
+        lr=schedule(state.step),
+        tokens=sums["tokens"],
+        target_tokens=sums["ce_tokens"],
+        finite=finite,
+    )
+    return new_state, metrics
+
+
+# ----------------------------------------------------------------------------- compile
+def state_shardings(mesh, state_shapes: TrainState, cfg: StepConfig, tx) -> TrainState:
+    """Shardings of every leaf of the state from the model's logical axes (student and
+    teacher alike; optimizer moments like their parameters; scalars replicated)."""
+    from ilvr_jax.train import mesh as mesh_lib
+
+    axes = qwen25vl.param_axes(cfg.model)
+    p_sh = mesh_lib.tree_shardings(mesh, axes, state_shapes.params)
+    tr_axes, _ = opt_lib.split_frozen(axes, cfg.frozen_patterns)
+    tr_shapes, _ = opt_lib.split_frozen(state_shapes.params, cfg.frozen_patterns)
+    tr_sh = mesh_lib.tree_shardings(mesh, tr_axes, tr_shapes)
+    rep = mesh_lib.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state_shapes.opt_state, tr_sh,
+                                   transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=p_sh, teacher=tr_sh if state_shapes.teacher is not None else None,
+                      opt_state=opt_sh, rng=rep)
+
+
+def batch_shardings(mesh, batch_shapes: Batch) -> Batch:
+    from ilvr_jax.train import mesh as mesh_lib
+
+    return {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in batch_shapes.items()}
+
+
+def compile_train_step(cfg: StepConfig, tx, schedule, mesh=None, state_shapes=None,
+                       batch_shapes=None) -> Callable:
+    """``jax.jit`` of :func:`train_step` with the state donated; with a mesh, in/out
+    shardings for state and batch come from the logical axis rules, and activations are
+    constrained inside the model."""
+
+    def fn(state, batch):
+        with sh.activation_mesh(mesh):
+            return train_step(state, batch, cfg, tx, schedule)
+
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    st_sh = state_shardings(mesh, state_shapes, cfg, tx)
+    b_sh = batch_shardings(mesh, batch_shapes)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(fn, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, rep), donate_argnums=(0,))
