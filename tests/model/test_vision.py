@@ -430,3 +430,17 @@ def test_sharded_forward_matches_single_device(tiny_dirs):
         out = fn(sharded, cfg, pv_s, grid)
     assert out.sharding.spec[0] is not None  # the batch axis stays sharded
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_full_size_config_shapes():
+    """Qwen2.5-VL-7B's vision config traces (abstractly) to the expected shapes."""
+    from ilvr_jax.model.config import VisionConfig
+
+    cfg = VisionConfig()
+    params = jax.eval_shape(lambda: vision.init_vision_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+    assert params["blocks"]["attn"]["qkv"]["kernel"].shape == (32, 1280, 3840)
+    assert params["merger"]["fc2"]["kernel"].shape == (5120, 3584)
+    out = jax.eval_shape(
+        lambda p, x, g: vision.vision_forward(p, cfg, x, g, dtype=jnp.bfloat16, remat_policy="full"),
+        params, jax.ShapeDtypeStruct((2, 1024, 1176), jnp.float32), jax.ShapeDtypeStruct((2, 3, 3), jnp.int32))
+    assert out.shape == (2, 256, 3584) and out.dtype == jnp.bfloat16
