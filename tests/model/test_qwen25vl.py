@@ -16,7 +16,7 @@ from _lm_reference import BATCHES, build_batch, hf_forward, hf_model, jax_params
 from ilvr_jax.model import qwen25vl  # noqa: E402
 from ilvr_jax.tiny import TINY_SHAPES  # noqa: E402
 
-_forward = jax.jit(qwen25vl.forward, static_argnums=1)
+_forward = jax.jit(qwen25vl.forward, static_argnums=1, static_argnames=("dtype", "return_logits"))
 
 
 def _jax_forward(params, batch, **kw):
@@ -107,3 +107,41 @@ def test_init_params_and_axes_match_checkpoint_tree(tiny_dirs, shape):
         assert len(names) == len(flat_shapes[path]), (path, names)
     assert axes["text"]["layers"]["self_attn"]["q_proj"]["kernel"] == ("layers", "embed", "qkv")
     assert axes["text"]["embed_tokens"]["embedding"] == ("vocab", "embed")
+
+
+def test_sharded_forward_under_mesh_equals_single_device(tiny_dir):
+    """Params sharded by param_axes, activations constrained on a (data, fsdp, tensor) mesh:
+    the same logits as on one device."""
+    from jax.sharding import Mesh
+
+    from ilvr_jax import sharding
+
+    samples, side = BATCHES["mixed_left"]
+    batch = build_batch(tiny_dir, samples + [((), "up")], side)  # batch 4: divisible by data*fsdp
+    cfg, params = jax_params(tiny_dir)
+    ref = _jax_forward(params, batch)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+    axes = qwen25vl.param_axes(cfg)
+    placed = jax.tree.map(lambda names, a: jax.device_put(a, sharding.named_sharding(mesh, names, a.shape)),
+                          axes, params, is_leaf=lambda x: isinstance(x, tuple))
+    batch_sharded = {k: jax.device_put(batch[k], sharding.named_sharding(mesh, ("batch",) + (None,) *
+                                                                         (batch[k].ndim - 1), batch[k].shape))
+                     for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    with sharding.activation_mesh(mesh):
+        out = jax.jit(qwen25vl.forward, static_argnums=1)(
+            placed, cfg, batch_sharded["input_ids"], batch_sharded["attention_mask"],
+            batch_sharded["pixel_values"], batch_sharded["image_grid_thw"])
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), rtol=0, atol=1e-5)
+
+
+def test_bfloat16_forward_is_close_to_float32(tiny_dir):
+    samples, side = BATCHES["mixed_left"]
+    batch = build_batch(tiny_dir, samples, side)
+    cfg, params = jax_params(tiny_dir)
+    ref = _jax_forward(params, batch)
+    out = _jax_forward(params, batch, dtype=jnp.bfloat16)
+    assert out.logits.dtype == jnp.float32 and out.hidden.dtype == jnp.bfloat16
+    valid = batch["attention_mask"].astype(bool)
+    got, want = np.asarray(out.logits)[valid], np.asarray(ref.logits)[valid]
+    assert np.all(np.isfinite(got))
+    assert np.max(np.abs(got - want)) <= 0.1 * np.max(np.abs(want))
