@@ -140,3 +140,97 @@ def test_one_teacher_forward_equals_per_segment(tiny_setup, tt):
     # The batch exercises the cutoff (K* < K) and full segments (K* = K).
     assert min(kstars) < K and max(kstars) == K, kstars
     print(f"one forward vs per-segment: {n_checked} segments, K* {kstars}, max |target diff| {err:.2e}")
+
+
+# ----------------------------------------------------------------------------- EMA, frozen, teacher
+def test_ema_update_and_frozen_vision(tiny_setup, tt):
+    """After a step: teacher == d * teacher_old + (1 - d) * student_new (trainable leaves,
+    fp32); the frozen vision tower stays bit-identical over several steps and has no
+    teacher copy."""
+    d = 0.9
+    cfg = tt.step_config(tiny_setup, ema_decay=d)
+    tx, sched = opt_lib.make_optimizer(lr=1e-3, warmup_steps=0, total_steps=100)
+    step = step_lib.compile_train_step(cfg, tx, sched)
+    batch = _device(tt.sub_batch(tiny_setup.batch, range(4)))
+    state = tt.fresh_state(tiny_setup, cfg, tx)
+    assert "visual" not in state.teacher
+    old = tt.to_np(state)
+    state, metrics = step(state, batch)
+    new = tt.to_np(state)
+    assert bool(metrics["finite"])
+    trainable_new, _ = opt_lib.split_frozen(new.params, cfg.frozen_patterns)
+    expect = jax.tree.map(lambda t, s: d * t.astype(np.float64) + (1 - d) * s.astype(np.float64),
+                          old.teacher, trainable_new)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), new.teacher, old.teacher)
+    assert max(jax.tree.leaves(moved)) > 1e-5  # the teacher did move
+    assert tt.max_abs_diff(new.teacher, expect) < 1e-7
+    for leaf in jax.tree.leaves(new.teacher):
+        assert leaf.dtype == np.float32
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    last = tt.to_np(state)
+    assert int(last.step) == 3
+    for a, b in zip(jax.tree.leaves(old.params["visual"]), jax.tree.leaves(last.params["visual"])):
+        np.testing.assert_array_equal(a, b)
+    # Trainable student leaves did change.
+    assert not np.array_equal(old.params["text"]["norm"]["scale"], last.params["text"]["norm"]["scale"])
+
+
+def test_teacher_receives_no_gradient(tiny_setup, tt):
+    """The step's loss is differentiable in the student only: its gradient w.r.t. the
+    teacher (which chooses the targets) is exactly zero, while its gradient w.r.t. the
+    student is not."""
+    cfg = tt.step_config(tiny_setup, noise_scale=0.0)
+    tx, sched = _sgd()
+    batch = _device(tt.sub_batch(tiny_setup.batch, range(2)))
+    state = tt.fresh_state(tiny_setup, cfg, tx)
+    # A teacher different from the student, so the targets depend on it non-trivially.
+    teacher = jax.tree.map(lambda x: x * 1.05, state.teacher)
+
+    def loss_of(teacher, params):
+        s = state.replace(teacher=teacher, params=params)
+        return step_lib.train_step(s, batch, cfg, tx, sched)[1]["loss"]
+
+    g_teacher, g_student = jax.jit(jax.grad(loss_of, argnums=(0, 1)))(teacher, state.params)
+    for leaf in jax.tree.leaves(g_teacher):
+        assert not np.asarray(leaf).any()
+    assert any(np.asarray(leaf).any() for leaf in jax.tree.leaves(g_student["text"]))
+
+
+def test_teacher_stays_fp32_with_bf16_compute(tiny_setup, tt):
+    """bf16 compute, fp32 teacher: an EMA update of 1e-3 x (S - T) lands in the teacher
+    (a bf16 teacher would round most of it away)."""
+    d = 0.999
+    cfg = tt.step_config(tiny_setup, compute_dtype=jnp.bfloat16, ema_decay=d)
+    tx, sched = opt_lib.make_optimizer(lr=1e-4, warmup_steps=0, total_steps=100)
+    # Even from bf16 student parameters the teacher starts in fp32.
+    bf16_state = step_lib.init_train_state(jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16),
+                                                        tiny_setup.params), tx, cfg, jax.random.PRNGKey(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_state.teacher))
+
+    state = tt.fresh_state(tiny_setup, cfg, tx)
+    rng = np.random.default_rng(0)
+    # Teacher 10% away from the student: the EMA step is ~1e-4 relative to the weights.
+    teacher = jax.tree.map(lambda x: np.asarray(x) * (1 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32),
+                           tt.to_np(state.teacher))
+    state = state.replace(teacher=_device(teacher))
+    step = step_lib.compile_train_step(cfg, tx, sched)
+    state, metrics = step(state, _device(tt.sub_batch(tiny_setup.batch, range(2))))
+    assert bool(metrics["finite"])
+    new = tt.to_np(state)
+    trainable_new, _ = opt_lib.split_frozen(new.params, cfg.frozen_patterns)
+    changed, bf16_changed, total = 0, 0, 0
+    for t_old, t_new, s_new in zip(jax.tree.leaves(teacher), jax.tree.leaves(new.teacher),
+                                   jax.tree.leaves(trainable_new)):
+        assert t_new.dtype == np.float32
+        expect = d * t_old.astype(np.float64) + (1 - d) * s_new.astype(np.float64)
+        np.testing.assert_allclose(t_new, expect, rtol=2e-7, atol=1e-9)
+        differs = s_new != t_old
+        changed += int((t_new != t_old)[differs].sum())
+        total += int(differs.sum())
+        # What a bf16 teacher would have kept of the same update.
+        t_bf = jnp.asarray(t_old, jnp.bfloat16)
+        upd = np.asarray(optax.incremental_update(jnp.asarray(s_new, jnp.bfloat16), t_bf, 1 - d))
+        bf16_changed += int((upd != np.asarray(t_bf))[differs].sum())
+    assert changed > 0.99 * total
+    assert bf16_changed < 0.5 * total  # the test is sensitive to the precision
