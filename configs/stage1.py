@@ -43,7 +43,6 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     c.data.adapter = "canonical"         # canonical (CoMT-style JSONL), comt, vsp, zebra, maze
     c.data.train_path = ""
     c.data.image_root = ""               # default: the directory of train_path
-    c.data.eval_path = ""
     c.data.max_length = 32768 if stage == 1 else 8192
     c.data.max_question_patches = 16384
     c.data.max_helper_patches = 16384
@@ -73,7 +72,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     c.train.num_steps = -1               # > 0 overrides num_epochs
     c.train.log_every = 10
     c.train.checkpoint_every = 500
-    c.train.keep_checkpoints = 3
+    c.train.keep_checkpoints = 3         # the newest N checkpoints are kept (0 = all)
+    c.train.keep_best_metric = ""        # "", "loss", "ce" or "sim": also keep the lowest-metric checkpoint
     c.train.async_checkpoints = True
     c.train.nan_policy = "stop"          # "stop" or "skip" a step with a non-finite loss
     c.train.init_from = ""               # stage 2: the stage-1 workdir (or workdir/checkpoints/STEP)

@@ -5,14 +5,22 @@
                                      [--dtype bfloat16|float32] [--teacher] [--layout ...]
 
 ``from-hf`` writes an orbax checkpoint holding the parameter tree and the model config.
-``to-hf`` restores such a checkpoint (a parameter tree, or a training state holding
-``"student"`` / ``"teacher"`` trees: the student unless ``--teacher``) and writes an HF
-directory that ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` loads.
+``to-hf`` writes an HF directory that ``Qwen2_5_VLForConditionalGeneration.from_pretrained``
+loads, from either
+
+* a parameter checkpoint of ``from-hf`` (``CKPT/params``, ``CKPT/config``), or
+* a training run of ``python -m ilvr_jax.main``: ``--checkpoint WORKDIR`` (its newest
+  checkpoint), ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/STEP``. The model config
+  comes from ``WORKDIR/model_config.json``, the tokenizer from ``WORKDIR/tokenizer`` (unless
+  ``--tokenizer-dir``). The student is exported unless ``--teacher``: the momentum
+  teacher, whose frozen leaves (e.g. the vision tower) are the student's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 
@@ -37,14 +45,81 @@ def to_hf(
     layout: str = DEFAULT_EXPORT_LAYOUT,
     max_shard_bytes: int = 4 * 1024**3,
 ) -> list[str]:
-    """orbax checkpoint -> HF directory; returns the shard file names."""
+    """orbax checkpoint (parameters or a training run) -> HF directory; returns the shard
+    file names."""
+    if is_training_checkpoint(checkpoint):
+        cfg, params, run_tokenizer = load_training_params(checkpoint, which)
+        return export_params_to_hf(params, cfg, out, tokenizer_dir or run_tokenizer, dtype=dtype, layout=layout,
+                                   max_shard_bytes=max_shard_bytes)
     from ilvr_jax.checkpoint.orbax_io import restore_config, restore_params
 
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"{checkpoint}: does not exist")
     cfg = restore_config(checkpoint)
     tree = restore_params(checkpoint)
     return export_params_to_hf(
         tree, cfg, out, tokenizer_dir, dtype=dtype, which=which, layout=layout, max_shard_bytes=max_shard_bytes
     )
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """A training workdir, its ``checkpoints`` directory or one of its step directories."""
+    from ilvr_jax.train import checkpoints as ckpt_lib
+
+    path = os.path.abspath(path)
+    return (os.path.isdir(os.path.join(path, ckpt_lib.STATE)) or os.path.basename(path) == "checkpoints"
+            or os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+def load_training_params(checkpoint: str, which: str = "student"):
+    """(model config, parameter tree of ``which``, the run's tokenizer dir or None) of a
+    training checkpoint.
+
+    The saved ``TrainState`` holds ``params`` (the student, full tree) and ``teacher`` (the
+    trainable leaves only, fp32). The teacher's full tree takes its frozen leaves from the
+    student, the frozen patterns being the run's ``optim.frozen``.
+    """
+    import jax
+    import numpy as np
+
+    from ilvr_jax.model.config import ModelConfig
+    from ilvr_jax.train import checkpoints as ckpt_lib
+    from ilvr_jax.train import optimizer as opt_lib
+
+    if which not in ("student", "teacher"):
+        raise ValueError(f"which={which!r}: expected 'student' or 'teacher'")
+    step_dir = ckpt_lib.resolve_step_dir(checkpoint)
+    root = ckpt_lib.run_root(step_dir)
+    cfg_path = os.path.join(root, "model_config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{root}: no model_config.json (not a training workdir of ilvr_jax.main)")
+    cfg = ModelConfig.from_hf(cfg_path)
+    state = ckpt_lib.restore_state_item(step_dir)
+    params = jax.tree.map(np.asarray, state["params"])
+    if which == "teacher":
+        if state.get("teacher") is None:
+            raise ValueError(f"{step_dir}: this training state holds no teacher (a stage-2 run)")
+        frozen_patterns = _run_frozen_patterns(step_dir, root)
+        _, frozen = opt_lib.split_frozen(params, frozen_patterns)
+        teacher = jax.tree.map(np.asarray, state["teacher"])
+        params = opt_lib.merge_params(teacher, frozen)
+    tok_dir = os.path.join(root, "tokenizer")
+    return cfg, params, tok_dir if os.path.isdir(tok_dir) else None
+
+
+def _run_frozen_patterns(step_dir: str, root: str) -> tuple[str, ...]:
+    """``optim.frozen`` of the run: from the checkpoint's config item, else WORKDIR/config.json."""
+    from ilvr_jax.train import checkpoints as ckpt_lib
+
+    try:
+        config = ckpt_lib.restore_json_item(step_dir, ckpt_lib.CONFIG)
+    except FileNotFoundError:
+        path = os.path.join(root, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{step_dir}: no saved run config (needed for the frozen parameter list)")
+        with open(path) as f:
+            config = json.load(f)
+    return tuple(config["optim"]["frozen"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,11 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b = sub.add_parser("to-hf", help="orbax checkpoint -> HF Qwen2.5-VL directory")
-    b.add_argument("--checkpoint", required=True, help="orbax checkpoint directory")
+    b.add_argument("--checkpoint", required=True,
+                   help="parameter checkpoint, or a training WORKDIR / WORKDIR/checkpoints[/STEP]")
     b.add_argument("--out", required=True, help="HF directory to write")
-    b.add_argument("--tokenizer-dir", default=None, help="copy tokenizer/processor files from here")
+    b.add_argument("--tokenizer-dir", default=None,
+                   help="copy tokenizer/processor files from here (training runs: WORKDIR/tokenizer)")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: as stored")
-    b.add_argument("--teacher", action="store_true", help="export the teacher of a training state")
+    b.add_argument("--teacher", action="store_true", help="export the momentum teacher of a training state")
     b.add_argument("--layout", default=DEFAULT_EXPORT_LAYOUT, choices=sorted(LAYOUTS), help="HF tensor names")
     b.add_argument("--max-shard-gb", type=float, default=4.0, help="largest shard file, GiB")
     return p
@@ -68,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)   # orbax's INFO/WARNING chatter about item metadata
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
@@ -92,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
             max_shard_bytes=int(args.max_shard_gb * 1024**3),
         )
         print(f"wrote {args.out}: {len(shards)} shard(s) ({time.time() - t0:.1f}s)")
-        if args.tokenizer_dir is None:
+        if args.tokenizer_dir is None and not is_training_checkpoint(args.checkpoint):
             print("note: no --tokenizer-dir, so no tokenizer/processor files were written", file=sys.stderr)
     return 0
 

@@ -1,8 +1,10 @@
 """Train ILVR: ``python -m ilvr_jax.main --config configs/stage1.py[:preset] --workdir DIR
 [--config.key=value ...]``. Restarting with the same workdir resumes from its latest
-checkpoint."""
+checkpoint. Unknown ``--config.*`` keys are rejected (the config is locked)."""
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -13,13 +15,22 @@ config_flags.DEFINE_config_file("config", None, "Config file (file.py or file.py
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and exports go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ilvr_jax.train import loop
+    from ilvr_jax.train import checkpoints, loop
 
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (loop.ConfigError, checkpoints.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except loop.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

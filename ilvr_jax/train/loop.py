@@ -40,13 +40,21 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ADAPTERS = ("canonical", "comt", "vsp", "zebra", "maze")
 
 
+BEST_METRICS = ("", "loss", "ce", "sim")
+
+
 class ConfigError(ValueError):
     """A config that cannot run; raised before anything expensive starts."""
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or gradient became NaN/inf with ``train.nan_policy='stop'``."""
+
+
 # ----------------------------------------------------------------------------- validation
-def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Every value checked before any model, data or device work starts."""
+def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Every value checked before any model, data or device work starts; all problems are
+    reported together in one ``ConfigError``."""
     errs = []
 
     def need(cond, msg):
@@ -81,8 +89,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          "set train.num_steps > 0 or train.num_epochs >= 1")
     need(int(c.train.log_every) >= 1 and int(c.train.checkpoint_every) >= 1,
          "train.log_every and train.checkpoint_every must be >= 1")
+    need(c.train.keep_best_metric in BEST_METRICS,
+         f"train.keep_best_metric must be one of {BEST_METRICS}, got {c.train.keep_best_metric!r}")
+    need(int(c.train.keep_checkpoints) >= 0, f"train.keep_checkpoints must be >= 0 (0 = keep all)")
+    need(int(c.data.max_length) >= 1, f"data.max_length must be >= 1, got {c.data.max_length}")
     need(len(tuple(c.mesh.shape)) == 3, f"mesh.shape must be (data, fsdp, tensor), got {tuple(c.mesh.shape)}")
     # Paths.
+    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
+        errs.append(f"--workdir {workdir} exists and is not a directory")
     if c.stage == 2:
         need(bool(c.train.init_from), "stage 2 needs train.init_from: the stage-1 workdir (or one of its "
                                       "checkpoint step directories)")
@@ -91,7 +105,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
                 ckpt_lib.resolve_step_dir(c.train.init_from)
             except FileNotFoundError as e:
                 errs.append(f"train.init_from: {e}")
-            if not os.path.isfile(os.path.join(_run_root(c.train.init_from), MODEL_CONFIG_FILE)):
+            if not os.path.isfile(os.path.join(ckpt_lib.run_root(c.train.init_from), MODEL_CONFIG_FILE)):
                 errs.append(f"train.init_from: {c.train.init_from} holds no {MODEL_CONFIG_FILE} "
                             "(not a stage-1 workdir)")
     elif c.model.init == "hf":
@@ -110,17 +124,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
 
-def _run_root(path: str) -> str:
-    """The workdir of a workdir / checkpoints dir / step dir path."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, ckpt_lib.STATE)):
-        path = os.path.dirname(path)
-    if os.path.basename(path) == "checkpoints":
-        path = os.path.dirname(path)
-    return path
-
-
-def check_mesh(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
+def check_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of ``mesh.shape``; ``ConfigError`` when it does not fit
+    the devices or the batch."""
     n = jax.device_count()
     shape = [int(s) for s in c.mesh.shape]
     try:
@@ -148,7 +154,7 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
     cfg_path = os.path.join(workdir, MODEL_CONFIG_FILE)
     K = int(c.ilvr.latent_size)
     if c.stage == 2:
-        src = _run_root(c.train.init_from)
+        src = ckpt_lib.run_root(c.train.init_from)
         cfg = ModelConfig.from_hf(os.path.join(src, MODEL_CONFIG_FILE))
         if cfg.latent_size not in (None, K):
             logger.warning("stage 1 used latent_size %s, this run uses %d", cfg.latent_size, K)
@@ -300,20 +306,22 @@ def _to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.A
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) a training run; returns the last logged metrics."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    """Runs (or resumes) a training run; returns the last logged metrics.
+
+    Raises ``ConfigError`` (before any model, data or device work) for a config that cannot
+    run, ``TrainingDiverged`` when the loss turns non-finite under ``nan_policy='stop'``
+    (the checkpoints written so far are left as they are)."""
+    metrics_lib.setup_logging()
     c = config
-    validate_config(c)
+    validate_config(c, workdir)
     if c.mesh.distributed:
         jax.distributed.initialize()
     mesh = check_mesh(c)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    print("resolved config:\n" + str(c), flush=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+        print("resolved config:\n" + str(c), flush=True)
+        _write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2, sort_keys=True))
 
     model_cfg, params, tok_dir = prepare_model(c, workdir)
     train_path, root = prepare_data(c, workdir)
@@ -338,9 +346,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               param_shapes)
     st_sh = step_lib.state_shardings(mesh, abstract, scfg, tx)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh)
+    best_metric = str(c.train.keep_best_metric)
     manager = ckpt_lib.make_manager(workdir, save_every=int(c.train.checkpoint_every),
                                     keep=int(c.train.keep_checkpoints),
-                                    async_save=bool(c.train.async_checkpoints))
+                                    async_save=bool(c.train.async_checkpoints), best_metric=best_metric)
     restored = ckpt_lib.restore_latest(manager, abstract)
     if restored is not None:
         start_step, state, data_state = restored
@@ -368,17 +377,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         question_patches=int(c.data.max_question_patches), helper_patches=int(c.data.max_helper_patches),
         vision_trainable=not any(p.startswith("visual") for p in scfg.frozen_patterns))
     thr = metrics_lib.Throughput(flops, jax.device_count(), metrics_lib.peak_flops_per_device())
-    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start_step)
     config_json = json.loads(c.to_json_best_effort())
     last: dict[str, float] = {}
     logger.info("training steps %d..%d (stage %d, %d devices, mesh %s)", start_step, total_steps, scfg.stage,
                 jax.device_count(), dict(mesh.shape))
     step = start_step
-    try:
-        from tqdm import tqdm
+    best_acc: list[float] = []   # the best-metric values since the last checkpoint
+    from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, disable=jax.process_index() != 0,
-                   dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(total=total_steps, initial=start_step, disable=jax.process_index() != 0,
+               dynamic_ncols=True, file=sys.stdout, desc=f"stage {scfg.stage}")
+    try:
         while step < total_steps:
             try:
                 host_batch = next(it)
@@ -389,23 +399,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, m = train(state, _to_global(host_batch, b_sh))
             step += 1
             bar.update(1)
-            if not bool(m["finite"]):
-                msg = f"non-finite loss or gradient at step {step} (loss={float(m['loss'])})"
+            finite = bool(m["finite"])
+            if not finite:
+                msg = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+                       f"grad_norm={float(m['grad_norm'])})")
                 if scfg.nan_policy == "stop":
-                    raise FloatingPointError(msg + "; stopping without saving (nan_policy='stop')")
-                logger.warning("%s; step skipped (nan_policy='skip')", msg)
+                    # Nothing of this step is saved; the checkpoints so far stay as they are.
+                    raise TrainingDiverged(f"{msg}; training stopped (train.nan_policy='stop'). The last "
+                                           f"checkpoint in {manager.directory} is from before this step.")
+                logger.warning("%s; the update was skipped (train.nan_policy='skip')", msg)
             thr.update(float(m["tokens"]))
+            if best_metric and finite:
+                best_acc.append(float(m[best_metric]))
             if step % int(c.train.log_every) == 0 or step == total_steps:
                 scalars = {k: float(v) for k, v in m.items() if k != "finite"}
-                scalars.update({k: v for k, v in thr.read().items() if v is not None})
-                writer.write(step, scalars)
-                last = scalars
-                bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "ce", "sim", "kstar")
-                                 if k in scalars})
-                logger.info("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
-            ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=step == total_steps)
-        bar.close()
+                scalars.update(thr.read())   # tokens_per_s, step_time_s, tflops_per_device, mfu (None on CPU)
+                writer.write(step, scalars, extra={"batch_fingerprint": metrics_lib.batch_fingerprint(host_batch),
+                                                   "finite": finite})
+                last = {k: v for k, v in scalars.items() if v is not None}
+                bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "ce", "sim", "kstar") if k in scalars})
+                logger.info("step %d: %s", step, metrics_lib.format_scalars(scalars))
+            # Ranks checkpoints for train.keep_best_metric: the mean since the previous one.
+            ckpt_metrics = {best_metric: float(np.mean(best_acc))} if best_metric and best_acc else None
+            if ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=step == total_steps,
+                             metrics=ckpt_metrics):
+                best_acc = []
     finally:
+        bar.close()
         manager.wait_until_finished()
         writer.close()
     if c.train.export_at_end and jax.process_index() == 0:
@@ -414,8 +434,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         out = os.path.join(workdir, "export_hf")
         export_params_to_hf(jax.tree.map(np.asarray, state.params), model_cfg, out, tok_dir)
         logger.info("exported the student to %s", out)
-    logger.info("done: checkpoints in %s, TensorBoard logs in %s", manager.directory, writer.path)
+    logger.info("done at step %d: checkpoints in %s, TensorBoard logs in %s", step, manager.directory,
+                writer.path)
     return last
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _restore_params(step_dir: str, abstract_params: Any) -> Any:

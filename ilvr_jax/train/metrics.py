@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from ilvr_jax.model.config import ModelConfig
 
@@ -89,28 +92,75 @@ def step_flops(cfg: ModelConfig, *, stage: int, batch: int, seq_len: int, questi
     return float(flops)
 
 
-class MetricWriter:
-    """Console lines + TensorBoard scalars (``workdir/tensorboard``) + a JSONL log."""
+def setup_logging() -> None:
+    """Console logging: our ``ilvr_jax`` loggers at INFO, written through tqdm so lines do
+    not tear the progress bar; absl (orbax, jax) at WARNING, since orbax's per-save INFO
+    lines would drown the metric lines."""
+    from absl import logging as absl_logging
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    ours = logging.getLogger("ilvr_jax")
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    if not any(isinstance(h, _TqdmHandler) for h in ours.handlers):
+        h = _TqdmHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        ours.addHandler(h)
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stdout)
+            sys.stdout.flush()
+        except Exception:  # never let logging kill training
+            self.handleError(record)
+
+
+def batch_fingerprint(batch: dict[str, np.ndarray]) -> str:
+    """CRC32 (hex) over the token ids, masks, labels and image grids of a host batch: equal
+    fingerprints mean the same samples in the same order (to check exact resumption)."""
+    crc = 0
+    for k in ("input_ids", "attention_mask", "labels", "image_grid_thw", "helper_grid_thw", "latent_starts",
+              "sample_mask"):
+        if k in batch:
+            crc = zlib.crc32(np.ascontiguousarray(batch[k]).tobytes(), crc)
+    return f"{crc:08x}"
+
+
+class MetricWriter:
+    """TensorBoard scalars (``workdir/tensorboard``) + a JSONL log (``workdir/metrics.jsonl``).
+
+    ``resume_step``: the step the run restarts from. Lines of later steps (written by the
+    interrupted run after its last checkpoint) are dropped from the JSONL, and TensorBoard
+    purges its events past that step, so each step appears once.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(workdir, "tensorboard")
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         self._jsonl = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(self.path)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            truncate_jsonl(self.jsonl_path, resume_step)
+            self._tb = SummaryWriter(self.path, purge_step=resume_step + 1 if resume_step else None)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
-    def write(self, step: int, scalars: dict[str, float]) -> None:
+    def write(self, step: int, scalars: dict[str, float | None], extra: dict[str, Any] | None = None) -> None:
+        """``scalars`` go to TensorBoard and the JSONL (None values are skipped);
+        ``extra`` (strings etc.) to the JSONL only."""
         if not self.enabled:
             return
+        scalars = {k: float(v) for k, v in scalars.items() if v is not None}
         for k, v in scalars.items():
-            if v is not None:
-                self._tb.add_scalar(f"train/{k}", float(v), step)
-        self._jsonl.write(json.dumps({"step": step, **{k: (None if v is None else float(v))
-                                                        for k, v in scalars.items()}}) + "\n")
+            self._tb.add_scalar(f"train/{k}", v, step)
+        self._jsonl.write(json.dumps({"step": step, **scalars, **(extra or {})}) + "\n")
         self._jsonl.flush()
         self._tb.flush()
 
@@ -119,6 +169,35 @@ class MetricWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def truncate_jsonl(path: str, keep_through_step: int) -> None:
+    """Rewrites ``path`` keeping the lines with ``step <= keep_through_step`` (and dropping
+    a torn last line of a killed run)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if int(rec.get("step", 0)) <= keep_through_step:
+                kept.append(json.dumps(rec) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_scalars(scalars: dict[str, float | None]) -> str:
+    return " ".join(f"{k}={v:.5g}" for k, v in scalars.items() if v is not None)
 
 
 class Throughput:
