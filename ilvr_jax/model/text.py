@@ -19,7 +19,11 @@ KV cache (``init_cache``): ``{"k", "v": [L, B, T, Hkv, hd], "mask": [B, T] bool,
 A call with a cache writes its S new keys/values and their validity (``attention_mask``)
 at slots ``index .. index+S-1`` (``lax.dynamic_update_slice``), attends to all valid
 earlier slots plus causally among the new tokens, and returns the new cache with
-``index + S``. It is a pure function of its inputs, and differentiable.
+``index + S``. Alternatively ``slots`` [B, S] gives every new token its own cache slot
+(per row; e.g. absolute sequence positions, with one spare slot absorbing writes of tokens
+whose ``attention_mask`` is 0): keys/values and validity are scattered there, a query
+attends to valid slots ``<=`` its own slot, and ``index`` is left unchanged. Either way the
+call is a pure function of its inputs, and differentiable.
 """
 
 from __future__ import annotations
@@ -52,17 +56,29 @@ def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> 
 def attention_mask_4d(key_valid: jax.Array, q_slots: jax.Array) -> jax.Array:
     """Boolean [B, 1, Sq, Sk]: key j visible to query i iff (valid_j and j <= slot_i) or j == slot_i.
 
-    key_valid: [B, Sk] bool; q_slots: [Sq] int, the key slot each query occupies.
+    key_valid: [B, Sk] bool; q_slots: [Sq] or [B, Sq] int, the key slot each query occupies.
     """
     k_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
-    causal = k_slots[None, :] <= q_slots[:, None]  # [Sq, Sk]
-    self_slot = k_slots[None, :] == q_slots[:, None]
-    m = (key_valid[:, None, :] & causal[None]) | self_slot[None]
+    q_slots = jnp.asarray(q_slots, jnp.int32)
+    if q_slots.ndim == 1:
+        q_slots = q_slots[None]
+    causal = k_slots[None, None, :] <= q_slots[:, :, None]  # [B or 1, Sq, Sk]
+    self_slot = k_slots[None, None, :] == q_slots[:, :, None]
+    m = (key_valid[:, None, :] & causal) | self_slot
     return m[:, None]
 
 
+def _write_cache(c: jax.Array, x: jax.Array, index, slots) -> jax.Array:
+    """Writes x [B, S, ...] into the cache c [B, T, ...] at index (contiguous) or at slots [B, S]."""
+    x = x.astype(c.dtype)
+    if slots is None:
+        return jax.lax.dynamic_update_slice(c, x, (0, index) + (0,) * (c.ndim - 2))
+    rows = jnp.arange(c.shape[0])[:, None]
+    return c.at[rows, slots].set(x)
+
+
 def _attention_block(x: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin: jax.Array,
-                     mask: jax.Array, kv_cache, index, dtype, attn_impl):
+                     mask: jax.Array, kv_cache, index, slots, dtype, attn_impl):
     b, s, _ = x.shape
     hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q = layers.dense(x, p["q_proj"], dtype).reshape(b, s, hq, hd)
@@ -74,8 +90,8 @@ def _attention_block(x: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, s
     new_kv = None
     if kv_cache is not None:
         ck, cv = kv_cache
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        ck = _write_cache(ck, k, index, slots)
+        cv = _write_cache(cv, v, index, slots)
         new_kv = (ck, cv)
         k, v = ck.astype(dtype), cv.astype(dtype)
     out = layers.attention(q, k, v, mask, attn_impl)
@@ -84,12 +100,14 @@ def _attention_block(x: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, s
 
 
 def decoder_layer(h: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, kv_cache=None, index=None, *, dtype=jnp.float32, attn_impl=None):
+                  mask: jax.Array, kv_cache=None, index=None, slots=None, *, dtype=jnp.float32,
+                  attn_impl=None):
     """One decoder layer on the residual stream h [B, S, D] (params of one layer, unstacked).
 
     Returns (h, (k_cache, v_cache) or None)."""
     x = layers.rms_norm(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    attn, new_kv = _attention_block(x, p["self_attn"], cfg, cos, sin, mask, kv_cache, index, dtype, attn_impl)
+    attn, new_kv = _attention_block(x, p["self_attn"], cfg, cos, sin, mask, kv_cache, index, slots, dtype,
+                                    attn_impl)
     h = sharding.constrain(h + attn, ("batch", "seq", "act_embed"))
     x = layers.rms_norm(h, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     h = sharding.constrain(h + layers.gated_mlp(x, p["mlp"], dtype), ("batch", "seq", "act_embed"))
@@ -97,8 +115,9 @@ def decoder_layer(h: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin:
 
 
 def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, position_ids: jax.Array,
-                    attention_mask: jax.Array | None, *, cache: Cache | None = None, dtype=jnp.float32,
-                    remat_policy: str = "none", attn_impl: str | None = None):
+                    attention_mask: jax.Array | None, *, cache: Cache | None = None,
+                    slots: jax.Array | None = None, dtype=jnp.float32, remat_policy: str = "none",
+                    attn_impl: str | None = None):
     """The decoder stack on input embeddings.
 
     Args:
@@ -107,6 +126,9 @@ def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, pos
       position_ids: [3, B, S] M-RoPE ids.
       attention_mask: [B, S] (1 = real token) or None (all real).
       cache: None, or a cache from :func:`init_cache`; the S tokens are written at its index.
+      slots: [B, S] int cache slot of every new token (instead of the write index); needs a
+        cache. Valid tokens need distinct slots; tokens with ``attention_mask`` 0 may share
+        one spare slot.
       dtype: compute dtype of activations and matmuls (RMSNorm statistics and RoPE in fp32).
 
     Returns:
@@ -116,17 +138,27 @@ def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, pos
     valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     cos, sin = mrope_cos_sin(position_ids, cfg)
     if cache is None:
+        if slots is not None:
+            raise ValueError("slots given without a cache")
         mask = attention_mask_4d(valid, jnp.arange(s, dtype=jnp.int32))
         index = None
         new_mask = None
     else:
         index = jnp.asarray(cache["index"], jnp.int32)
-        new_mask = jax.lax.dynamic_update_slice(cache["mask"], valid, (0, index))
-        mask = attention_mask_4d(new_mask, index + jnp.arange(s, dtype=jnp.int32))
+        if slots is None:
+            new_mask = jax.lax.dynamic_update_slice(cache["mask"], valid, (0, index))
+            mask = attention_mask_4d(new_mask, index + jnp.arange(s, dtype=jnp.int32))
+        else:
+            slots = jnp.asarray(slots, jnp.int32)
+            # A slot shared by several tokens (the spare slot) must only receive invalid ones:
+            # which of the duplicate writes lands is unspecified.
+            new_mask = cache["mask"].at[jnp.arange(b)[:, None], slots].set(valid)
+            mask = attention_mask_4d(new_mask, slots)
 
     def body(h, xs):
         lp, kv = xs
-        h, new_kv = decoder_layer(h, lp, cfg, cos, sin, mask, kv, index, dtype=dtype, attn_impl=attn_impl)
+        h, new_kv = decoder_layer(h, lp, cfg, cos, sin, mask, kv, index, slots, dtype=dtype,
+                                  attn_impl=attn_impl)
         return h, new_kv
 
     body = layers.remat(body, remat_policy)
@@ -136,5 +168,6 @@ def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, pos
     h = layers.rms_norm(h, params_text["norm"]["scale"], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:
-        new_cache = {"k": kv_ys[0], "v": kv_ys[1], "mask": new_mask, "index": index + s}
+        new_cache = {"k": kv_ys[0], "v": kv_ys[1], "mask": new_mask,
+                     "index": index + s if slots is None else index}
     return h, new_cache

@@ -153,3 +153,43 @@ def test_gradient_through_cache_equals_uncached_gradient(tiny_dir):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
     assert float(np.max(np.abs(np.asarray(g_plain[1])))) > 0
+
+
+def test_slot_writes_with_per_row_offsets_equal_one_forward(tiny_dir):
+    """Two chunks at different offsets per row, written by ``slots`` (absolute positions,
+    out-of-chunk tokens to one spare slot), give the logits of one uncached forward."""
+    from ilvr_jax.model import text
+
+    batch, _, full_ids, full_mask = _extended(tiny_dir)
+    cfg, params = jax_params(tiny_dir)
+    fwd, _, _ = _jitted()
+    full = fwd(params, cfg, full_ids, full_mask, batch["pixel_values"], batch["image_grid_thw"],
+               return_logits=False)
+    embeds = _full_embeds(params, cfg, batch, full_ids)
+    b, s = full_ids.shape
+    cuts = np.array([9, 30, 51])[:b]
+    spare = s
+    rows = np.arange(b)[:, None]
+
+    def run(params_text):
+        cache = text.init_cache(cfg.text, b, s + 1)
+        hidden = jnp.zeros((b, s + 1, cfg.text.hidden_size))  # last row: spare, like the cache
+        width = s  # each chunk is a fixed window of `width` tokens starting at the row's offset
+        for start, end in ((np.zeros(b, int), cuts), (cuts, np.full(b, s))):
+            pos = start[:, None] + np.arange(width)[None]
+            inside = pos < end[:, None]
+            pos_c = np.minimum(pos, s - 1)
+            slots = np.where(inside, pos_c, spare)
+            write = inside & (full_mask[rows, pos_c] > 0)
+            h, cache = text.decoder_forward(params_text, cfg.text, embeds[rows, pos_c],
+                                            full.position_ids[:, rows, pos_c], write, cache=cache,
+                                            slots=slots)
+            hidden = hidden.at[rows, slots].set(h)
+        return hidden[:, :s], cache
+
+    hidden, cache = jax.jit(run)(params["text"])
+    valid = full_mask.astype(bool)
+    want = np.asarray(full.hidden)
+    np.testing.assert_allclose(np.asarray(hidden)[valid], want[valid], rtol=0, atol=1e-5 * np.max(np.abs(want)))
+    np.testing.assert_array_equal(np.asarray(cache["mask"])[:, :s], valid)
+    assert not np.asarray(cache["mask"])[:, spare].any() and int(cache["index"]) == 0
