@@ -256,3 +256,118 @@ def test_overfits_a_handful_of_samples(tiny_setup, tt):
     assert np.isfinite(history).all()
     assert ce1 < 0.7 * ce0
     assert sim1 < 0.7 * sim0
+
+
+# ----------------------------------------------------------------------------- batch semantics
+def _mixed_rows(batch, n=4):
+    """n rows with as many different segment counts as the batch offers (first seen first)."""
+    counts = batch["segment_mask"].sum(1)
+    rows = [int(np.flatnonzero(counts == c)[0]) for c in sorted(set(counts.tolist()))]
+    rows += [r for r in range(len(counts)) if r not in rows][: n - len(rows)]
+    return sorted(rows[:n])
+
+
+def test_batch_equals_mean_of_single_samples(tiny_setup, tt):
+    """A batch of 4 samples with different segment counts == each sample alone
+    (loss_normalization "sample", no noise): the batch loss is the mean of the single
+    losses, per-sample CE and L_sim agree, and the step's gradient (SGD at lr 1: the
+    parameter change) is the mean of the single-sample gradients."""
+    cfg = tt.step_config(tiny_setup, noise_scale=0.0, loss_normalization="sample")
+    tx, sched = _sgd()
+    rows = _mixed_rows(tiny_setup.batch)
+    batch4 = tt.sub_batch(tiny_setup.batch, rows)
+    assert len(set(batch4["segment_mask"].sum(1).tolist())) >= 3
+    step = step_lib.compile_train_step(cfg, tx, sched)
+    p0 = tiny_setup.params
+
+    state, m4 = step(tt.fresh_state(tiny_setup, cfg, tx), _device(batch4))
+    g4 = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), p0, tt.to_np(state.params))
+    singles = []
+    for i in range(4):
+        state, m1 = step(tt.fresh_state(tiny_setup, cfg, tx), _device(tt.sub_batch(batch4, [i])))
+        g1 = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), p0,
+                          tt.to_np(state.params))
+        singles.append((m1, g1))
+    mean = lambda xs: sum(xs) / len(xs)
+    for key in ("loss", "ce", "sim"):
+        np.testing.assert_allclose(float(m4[key]), mean([float(m[key]) for m, _ in singles]), rtol=1e-5)
+    g_mean = jax.tree.map(lambda *gs: mean(gs), *[g for _, g in singles])
+    g_err = tt.max_abs_diff(g4, g_mean)
+    g_scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g4))
+    print(f"batch vs singles: loss {float(m4['loss']):.6f} vs {mean([float(m['loss']) for m, _ in singles]):.6f}, "
+          f"max |grad diff| {g_err:.2e} (max |grad| {g_scale:.2e})")
+    assert g_err < 1e-5 * max(g_scale, 1.0)
+
+    # Per-sample CE and L_sim straight from the stage-1 pieces.
+    @jax.jit
+    def per_sample(params, batch):
+        pos, _ = rope.mrope_position_ids(batch["input_ids"], batch["attention_mask"],
+                                         batch["image_grid_thw"], cfg.model)
+        qf = vision.vision_forward(params["visual"], cfg.model.vision, batch["pixel_values"],
+                                   batch["image_grid_thw"])
+        sel = step_lib.teacher_targets(params, cfg, batch, qf, pos)
+        ce_sum, ce_cnt, sim, pairs = step_lib.student_stage1(params, cfg, batch, qf, pos, sel,
+                                                             jax.random.PRNGKey(0))
+        return ce_sum / ce_cnt, sim, pairs, sel.kstar
+
+    params = _device(p0)
+    ce4, sim4, pairs4, k4 = jax.device_get(per_sample(params, _device(batch4)))
+    for i in range(4):
+        ce1, sim1, pairs1, k1 = jax.device_get(per_sample(params, _device(tt.sub_batch(batch4, [i]))))
+        np.testing.assert_allclose(ce4[i], ce1[0], rtol=1e-5)
+        np.testing.assert_allclose(sim4[i], sim1[0], rtol=1e-5, atol=1e-6)
+        assert pairs4[i] == pairs1[0] == k4[i].sum()
+        np.testing.assert_array_equal(k4[i], k1[0])
+
+
+def test_gradient_accumulation_matches_one_big_step(tiny_setup, tt):
+    """grad_accum_steps=2 on a batch of 4 == grad_accum_steps=1 (AdamW + clipping, no
+    noise): same metrics and same new parameters, teacher and optimizer state."""
+    tx, sched = opt_lib.make_optimizer(lr=1e-3, warmup_steps=0, total_steps=100)
+    batch4 = _device(tt.sub_batch(tiny_setup.batch, _mixed_rows(tiny_setup.batch)))
+    out = {}
+    for n in (1, 2):
+        cfg = tt.step_config(tiny_setup, noise_scale=0.0, grad_accum_steps=n)
+        step = step_lib.compile_train_step(cfg, tx, sched)
+        state, m = step(tt.fresh_state(tiny_setup, cfg, tx), batch4)
+        out[n] = (tt.to_np(state), {k: float(v) for k, v in m.items()})
+    (s1, m1), (s2, m2) = out[1], out[2]
+    for k in m1:
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    errs = {name: tt.max_abs_diff(getattr(s1, name), getattr(s2, name)) for name in ("params", "teacher", "opt_state")}
+    print(f"accumulation 2 vs 1: max |diff| {errs}")
+    assert max(errs.values()) < 1e-5
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+def test_nan_policy(tiny_setup, tt):
+    """A batch with a NaN question image gives a NaN loss: "skip" keeps parameters, teacher
+    and optimizer state (the step counter advances) and the next good batch trains;
+    "stop" reports finite=False."""
+    tx, sched = opt_lib.make_optimizer(lr=1e-3, warmup_steps=0, total_steps=100)
+    good = tt.sub_batch(tiny_setup.batch, range(2))
+    bad = dict(good)
+    bad["pixel_values"] = good["pixel_values"].copy()
+    bad["pixel_values"][0, 0, 0] = np.nan
+
+    cfg = tt.step_config(tiny_setup, nan_policy="skip")
+    step = step_lib.compile_train_step(cfg, tx, sched)
+    state = tt.fresh_state(tiny_setup, cfg, tx)
+    old = tt.to_np(state)
+    state, m = step(state, _device(bad))
+    assert not bool(m["finite"]) and not np.isfinite(float(m["loss"]))
+    new = tt.to_np(state)
+    assert int(new.step) == 1
+    for name in ("params", "teacher", "opt_state"):
+        for a, b in zip(jax.tree.leaves(getattr(old, name)), jax.tree.leaves(getattr(new, name))):
+            np.testing.assert_array_equal(a, b)
+    state, m = step(state, _device(good))
+    assert bool(m["finite"])
+    after = tt.to_np(state)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
+    assert not np.array_equal(after.params["text"]["norm"]["scale"], old.params["text"]["norm"]["scale"])
+
+    cfg = tt.step_config(tiny_setup, nan_policy="stop")
+    step = step_lib.compile_train_step(cfg, tx, sched)
+    _, m = step(tt.fresh_state(tiny_setup, cfg, tx), _device(bad))
+    assert not bool(m["finite"])
