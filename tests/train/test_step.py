@@ -371,3 +371,59 @@ def test_nan_policy(tiny_setup, tt):
     step = step_lib.compile_train_step(cfg, tx, sched)
     _, m = step(tt.fresh_state(tiny_setup, cfg, tx), _device(bad))
     assert not bool(m["finite"])
+
+
+# ----------------------------------------------------------------------------- bad input
+def _corrupt(batch, **changes):
+    out = {k: np.array(v, copy=True) for k, v in batch.items()}
+    out.update(changes)
+    return out
+
+
+def test_bad_batches_fail_on_the_host_naming_the_sample(tiny_setup, tt):
+    """The loop's per-batch check (``_host_batch_checks`` -> ``ilvr.validate_segments``)
+    rejects malformed segment layouts before any compilation, naming the sample."""
+    from ilvr_jax.train.loop import _host_batch_checks
+
+    cfg = tt.step_config(tiny_setup)
+    tok = cfg.token_ids
+    nb = tiny_setup.batch
+    K = cfg.latent_size
+    _host_batch_checks(nb, cfg)  # the real batch passes
+
+    counts = nb["segment_mask"].sum(1)
+    two = int(np.flatnonzero(counts >= 2)[0])
+    three = int(np.flatnonzero(counts >= 3)[0])
+
+    # Helper-image count != segment count: one helper image of sample `two` missing.
+    thw = nb["helper_grid_thw"].copy()
+    thw[two, 1] = 0
+    with pytest.raises(ValueError, match=rf"sample {two}: .*segment count mismatch.*1 helper images"):
+        _host_batch_checks(_corrupt(nb, helper_grid_thw=thw), cfg)
+
+    # A segment longer than K: one extra <|latent_pad|> inserted into segment 0 of sample `two`.
+    ids = nb["input_ids"].copy()
+    attn = nb["attention_mask"].copy()
+    ls = int(nb["latent_starts"][two, 0])
+    ids[two] = np.insert(ids[two], ls + 1, tok.latent_pad)[:-1]
+    attn[two] = np.insert(attn[two], ls + 1, 1)[:-1]
+    starts = nb["latent_starts"].copy()
+    starts[two, 1:] += (nb["segment_mask"][two, 1:]).astype(starts.dtype)
+    with pytest.raises(ValueError, match=rf"sample {two}: segment 0 .*found {K + 1} pads"):
+        _host_batch_checks(_corrupt(nb, input_ids=ids, attention_mask=attn, latent_starts=starts), cfg)
+
+    # M > M_max: a batch with fewer segment slots than sample `three` has segments.
+    m = int(counts[three]) - 1
+    small = _corrupt(nb, latent_starts=nb["latent_starts"][:, :m], segment_mask=nb["segment_mask"][:, :m],
+                     helper_grid_thw=nb["helper_grid_thw"][:, :m])
+    bad_rows = np.flatnonzero(counts > m)
+    with pytest.raises(ValueError, match=rf"sample {bad_rows[0]}: {counts[bad_rows[0]]} latent segments "
+                                         rf"exceed the maximum M = {m}"):
+        _host_batch_checks(small, cfg)
+
+    # K* = 0: a helper image without a single merged token (a 1x1x2 patch grid) has no
+    # candidate, so no target could be selected.
+    thw = nb["helper_grid_thw"].copy()
+    thw[three, 2] = (1, 1, 2)
+    with pytest.raises(ValueError, match=rf"sample {three}: helper image 2 has no merged tokens"):
+        _host_batch_checks(_corrupt(nb, helper_grid_thw=thw), cfg)
