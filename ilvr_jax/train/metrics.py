@@ -224,3 +224,35 @@ class Throughput:
         out["mfu"] = achieved / self.peak if self.peak else None
         self._t, self._steps, self._tokens = now, 0, 0.0
         return out
+
+
+def read_tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` from the event files of ``logdir`` (oldest file first, so a
+    later file's values win), honouring TensorBoard's purge of steps at and after a
+    restart's ``purge_step`` (a ``file_version`` event carrying ``SessionLog.START``).
+    Reads the TFRecord framing directly (length, crc, payload, crc)."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")),
+                       key=lambda p: (os.path.getmtime(p), p)):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            payload = data[pos + 12:pos + 12 + length]
+            pos += 12 + length + 4
+            if len(payload) < length:
+                break          # torn last record of a killed writer
+            ev = event_pb2.Event.FromString(payload)
+            if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+                for series in out.values():
+                    for s in [s for s in series if s >= ev.step]:
+                        del series[s]
+            for v in ev.summary.value:
+                out.setdefault(v.tag, {})[int(ev.step)] = float(v.simple_value)
+    return out
