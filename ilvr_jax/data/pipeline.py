@@ -64,6 +64,8 @@ TOO_MANY_QUESTION_PATCHES = "too_many_question_patches"
 TOO_MANY_SEGMENTS = "too_many_segments"
 TOO_MANY_HELPER_PATCHES = "too_many_helper_patches"
 
+THROUGHPUT_KEYS = ("worker_count", "worker_buffer_size", "read_threads", "prefetch")
+
 BATCH_KEYS = (
     "input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "helper_pixel_values",
     "helper_grid_thw", "latent_starts", "segment_mask", "assistant_start", "sample_mask",
@@ -86,7 +88,9 @@ class DataConfig:
       max_segments: M, latent segments (= helper images) per sample.
       latent_size: K, latent pads per segment.
       answer_format: text appended after the plan (``{answer}``); None = nothing (see segments.py).
-      min_pixels / max_pixels: image resize budget (Qwen2.5-VL's smart_resize).
+      min_pixels / max_pixels: image resize budget (Qwen2.5-VL's smart_resize); one image has
+        at most about max_pixels / 196 patches, so keep max_question_patches / max_helper_patches
+        in step (the defaults: 1024*28*28 pixels = 4096 patches per image).
     Order
       seed: shuffle seed (epoch e uses (seed, e)).
       shuffle: False keeps file order.
@@ -113,7 +117,7 @@ class DataConfig:
     latent_size: int = 8
     answer_format: str | None = "\n{answer}"
     min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 16384 * 28 * 28
+    max_pixels: int = 1024 * 28 * 28
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = 1
@@ -492,7 +496,9 @@ class DataPipeline:
             logger.warning("%s", self.policy.counter.summary())
         self.plan = BatchPlan([it.bucket for it in self.items], cfg, self.process_index, self.process_count)
         h = hashlib.sha256()
-        h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+        # Throughput knobs do not change the batches, so a state restores across them.
+        order_cfg = {k: v for k, v in cfg.to_dict().items() if k not in THROUGHPUT_KEYS}
+        h.update(json.dumps(order_cfg, sort_keys=True).encode())
         h.update(json.dumps([self.process_index, self.process_count]).encode())
         for it in self.items:
             h.update(it.where.encode())

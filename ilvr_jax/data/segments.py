@@ -60,6 +60,7 @@ class SpecialIds:
     latent_pad: int
     latent_start: int
     latent_end: int
+    assistant_role: tuple[int, ...]  # the ids of "<|im_start|>assistant"
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "SpecialIds":
@@ -69,6 +70,7 @@ class SpecialIds:
             im_start=get("<|im_start|>"), im_end=get("<|im_end|>"), pad=get("<|endoftext|>"),
             vision_start=get(proc.VISION_START), vision_end=get(proc.VISION_END), image_pad=get(proc.IMAGE_PAD),
             latent_pad=get(LATENT_PAD), latent_start=get(LATENT_START), latent_end=get(LATENT_END),
+            assistant_role=tuple(tokenizer("<|im_start|>assistant", add_special_tokens=False)["input_ids"]),
         )
 
 
@@ -165,7 +167,7 @@ def tokenize_record(
     if len(starts) < 2:
         raise RecordError(where, BAD_TOKENS, "no assistant turn found in the token sequence")
     assistant_start = int(starts[-1])
-    role = tokenizer("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
+    role = ids.assistant_role
     if input_ids[assistant_start:assistant_start + len(role)].tolist() != list(role):
         raise RecordError(where, BAD_TOKENS, "assistant turn does not start with '<|im_start|>assistant'")
     labels = build_labels(input_ids, assistant_start + len(role), ids.latent_pad)
