@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -280,6 +281,16 @@ class BatchPlan:
         per_bucket = counts // self.global_batch if cfg.drop_remainder else -(-counts // self.global_batch)
         self.batches_per_epoch = int(per_bucket.sum())
         self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self._lock = threading.Lock()  # grain's read threads share the plan
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         if self.cfg.num_epochs is None:
@@ -288,8 +299,16 @@ class BatchPlan:
 
     def epoch(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """[(bucket, record indices [global_batch] with -1 padding)] of one epoch, in order."""
-        if epoch in self._cache:
-            return self._cache[epoch]
+        with self._lock:
+            cached = self._cache.get(epoch)
+            if cached is None:
+                cached = self._build_epoch(epoch)
+                if len(self._cache) > 2:
+                    self._cache.clear()
+                self._cache[epoch] = cached
+            return cached
+
+    def _build_epoch(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         n = len(self.buckets)
         if self.cfg.shuffle:
             order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
@@ -308,9 +327,6 @@ class BatchPlan:
                 rest = pending[b]
                 batches.append((b, np.asarray(rest + [-1] * (gb - len(rest)), np.int64)))
         assert len(batches) == self.batches_per_epoch
-        if len(self._cache) > 2:
-            self._cache.clear()
-        self._cache[epoch] = batches
         return batches
 
     def global_batch_at(self, i: int) -> tuple[int, np.ndarray]:
@@ -555,6 +571,11 @@ class DataPipeline:
 
     def iterator(self, state: dict[str, Any] | None = None) -> BatchIterator:
         """A batch iterator from the start, or from a state returned by ``get_state()``."""
+        if self.plan.batches_per_epoch == 0:
+            raise ValueError(
+                f"no batches: {self.num_records} usable records for a global batch of {self.plan.global_batch}"
+                f" (drop_remainder={self.cfg.drop_remainder}); {self.drops.summary()}"
+            )
         it = BatchIterator(self)
         if state is not None:
             it.set_state(state)

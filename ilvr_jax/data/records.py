@@ -17,7 +17,8 @@ Image paths are absolute or relative to a root directory (usually the JSONL's di
 Every ``latent`` step is one latent segment whose helper image is the picture the teacher
 sees; ``text`` steps are verbatim assistant text. A record may also carry ``helper_images``
 (the helper paths as a separate list, as some releases do); it must then list exactly the
-latent steps' helper images in order.
+latent steps' helper images in order. Other keys (e.g. a maze's ``map_desc``) are kept and
+ignored here.
 
 Bad records raise ``RecordError`` (a ``ValueError``) whose message names the file, the
 line / id and what is wrong; ``DropPolicy`` decides whether the pipeline raises it or skips

@@ -141,6 +141,8 @@ def test_determinism_by_seed_and_epochs(data_dir, tokenizer):
     a = list(make(data_dir, tokenizer, num_epochs=2).iterator())
     b = list(make(data_dir, tokenizer, num_epochs=2).iterator())
     assert_batches_equal(a, b)
+    threaded = list(make(data_dir, tokenizer, num_epochs=2, read_threads=3, prefetch=4).iterator())
+    assert_batches_equal(a, threaded)
     c = list(make(data_dir, tokenizer, num_epochs=2, seed=4).iterator())
     assert ids_of(a) != ids_of(c)
     # two epochs: each record once per epoch, different order in epoch 2
@@ -291,6 +293,15 @@ def test_workers_match_in_process(data_dir, tok_dir):
     c = list(it)
     it.close()
     assert_batches_equal(c, a[4:])
+
+
+def test_empty_data_is_a_clear_error(data_dir, tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    R.write_jsonl(path, [{"text_input": "q"}])
+    cfg = PL.DataConfig(**BASE, drop_policy="skip")
+    pipe = PL.DataPipeline.from_jsonl(path, tokenizer, cfg, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="no batches: 0 usable records.*missing_key=1"):
+        pipe.iterator()
 
 
 def test_config_checks():
