@@ -58,6 +58,21 @@ def max_chunk_length(latent_starts: np.ndarray, segment_mask: np.ndarray, K: int
     return int(np.max(np.asarray(ends) - np.asarray(starts)))
 
 
+def check_chunk_len(latent_starts: np.ndarray, segment_mask: np.ndarray, K: int, seq_len: int,
+                    chunk_len: int | None) -> None:
+    """Host-side, before the step: every text chunk of every sample fits ``chunk_len``
+    (a longer chunk would leave tokens unprocessed). Raises naming the sample."""
+    if not chunk_len:
+        return
+    starts, ends = chunk_bounds(jnp.asarray(latent_starts), jnp.asarray(segment_mask), K, seq_len)
+    lengths = np.asarray(ends) - np.asarray(starts)
+    for b, row in enumerate(lengths):
+        if row.max() > chunk_len:
+            m = int(row.argmax())
+            raise ValueError(f"sample {b}: text chunk {m} has {int(row.max())} tokens, more than "
+                             f"stage2_chunk_len={chunk_len}; raise it (0 = the sequence length)")
+
+
 def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array,
                               attention_mask: jax.Array, position_ids: jax.Array,
                               latent_starts: jax.Array, segment_mask: jax.Array, K: int, *,
@@ -71,7 +86,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
     [B, M] (the contract layout), K latents per segment.
     """
     b, s, d = embeds.shape
-    c = int(chunk_len or s)
+    c = s if chunk_len is None else int(chunk_len)
     if c < 1 or c > s:
         raise ValueError(f"chunk_len must be in [1, {s}], got {c}")
     trash = s  # the extra cache slot for masked writes
