@@ -149,7 +149,10 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             truncate_jsonl(self.jsonl_path, resume_step)
-            self._tb = SummaryWriter(self.path, purge_step=resume_step + 1 if resume_step else None)
+            # A unique suffix: event file names carry only the second, and a quick restart
+            # would otherwise reopen (and truncate) the previous run's file.
+            self._tb = SummaryWriter(self.path, purge_step=resume_step + 1 if resume_step else None,
+                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
             self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, float | None], extra: dict[str, Any] | None = None) -> None:
@@ -238,7 +241,7 @@ def read_tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
 
     out: dict[str, dict[int, float]] = {}
     for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")),
-                       key=lambda p: (os.path.getmtime(p), p)):
+                       key=lambda p: (os.path.getmtime(p), p)):   # oldest run first
         with open(path, "rb") as f:
             data = f.read()
         pos = 0
