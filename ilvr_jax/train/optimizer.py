@@ -55,7 +55,10 @@ def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int,
     ``kind="constant"`` keeps lr after warm-up; ``"cosine"`` decays with a cosine."""
     warmup_steps = max(int(warmup_steps), 0)
     decay_steps = max(int(total_steps) - warmup_steps, 1)
-    if kind == "linear":
+    if kind == "linear" and int(total_steps) <= warmup_steps:
+        # HF: max(0, (total - step) / max(1, total - warmup)) = 0 once warm-up ends.
+        decay = optax.constant_schedule(0.0)
+    elif kind == "linear":
         decay = optax.linear_schedule(lr, 0.0, decay_steps)
     elif kind == "constant":
         decay = optax.constant_schedule(lr)
