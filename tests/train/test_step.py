@@ -427,3 +427,43 @@ def test_bad_batches_fail_on_the_host_naming_the_sample(tiny_setup, tt):
     thw[three, 2] = (1, 1, 2)
     with pytest.raises(ValueError, match=rf"sample {three}: helper image 2 has no merged tokens"):
         _host_batch_checks(_corrupt(nb, helper_grid_thw=thw), cfg)
+
+
+def test_padding_samples_add_nothing_token_normalization(tiny_setup, tt):
+    """A short last batch: rows with sample_mask False (here: copies of real samples, the
+    hardest case) change neither the loss nor the gradient. Checked with
+    loss_normalization "token", whose CE is sum of token NLLs / target tokens of the batch."""
+    cfg = tt.step_config(tiny_setup, noise_scale=0.0, loss_normalization="token")
+    tx, sched = _sgd()
+    rows = _mixed_rows(tiny_setup.batch)
+    real = tt.sub_batch(tiny_setup.batch, rows[:2])
+    padded = tt.sub_batch(tiny_setup.batch, rows)
+    padded["sample_mask"] = np.array([True, True, False, False])
+    p0 = tiny_setup.params
+    out = {}
+    for name, b in (("real", real), ("padded", padded)):
+        step = step_lib.compile_train_step(cfg, tx, sched)
+        state, m = step(tt.fresh_state(tiny_setup, cfg, tx), _device(b))
+        out[name] = ({k: float(v) for k, v in m.items()},
+                     jax.tree.map(lambda a, c: np.asarray(a, np.float64) - np.asarray(c, np.float64), p0,
+                                  tt.to_np(state.params)))
+    (m_r, g_r), (m_p, g_p) = out["real"], out["padded"]
+    for k in ("loss", "ce", "sim", "kstar", "tokens", "target_tokens", "grad_norm"):
+        np.testing.assert_allclose(m_p[k], m_r[k], rtol=1e-5, err_msg=k)
+    assert tt.max_abs_diff(g_p, g_r) < 1e-6
+
+    # Token-mean CE of the real rows, from the per-sample sums.
+    @jax.jit
+    def ce_sums(params, batch):
+        pos, _ = rope.mrope_position_ids(batch["input_ids"], batch["attention_mask"],
+                                         batch["image_grid_thw"], cfg.model)
+        qf = vision.vision_forward(params["visual"], cfg.model.vision, batch["pixel_values"],
+                                   batch["image_grid_thw"])
+        sel = step_lib.teacher_targets(params, cfg, batch, qf, pos)
+        ce_sum, ce_cnt, _, _ = step_lib.student_stage1(params, cfg, batch, qf, pos, sel, jax.random.PRNGKey(0))
+        return ce_sum, ce_cnt
+
+    s, c = jax.device_get(ce_sums(_device(p0), _device(real)))
+    assert c[0] != c[1]  # token and sample means differ
+    np.testing.assert_allclose(m_r["ce"], s.sum() / c.sum(), rtol=1e-5)
+    assert m_r["target_tokens"] == c.sum()
