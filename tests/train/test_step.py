@@ -467,3 +467,22 @@ def test_padding_samples_add_nothing_token_normalization(tiny_setup, tt):
     assert c[0] != c[1]  # token and sample means differ
     np.testing.assert_allclose(m_r["ce"], s.sum() / c.sum(), rtol=1e-5)
     assert m_r["target_tokens"] == c.sum()
+
+
+def test_trainable_vision_tower(tiny_setup, tt):
+    """With nothing frozen the teacher holds a vision copy, the student's vision tower
+    trains, and the EMA covers it too."""
+    d = 0.5
+    cfg = tt.step_config(tiny_setup, frozen_patterns=(), ema_decay=d)
+    tx, sched = opt_lib.make_optimizer(lr=1e-3, warmup_steps=0, total_steps=100)
+    state = tt.fresh_state(tiny_setup, cfg, tx)
+    assert "visual" in state.teacher
+    old = tt.to_np(state)
+    state, m = step_lib.compile_train_step(cfg, tx, sched)(state, _device(tt.sub_batch(tiny_setup.batch, range(2))))
+    assert bool(m["finite"])
+    new = tt.to_np(state)
+    assert not np.array_equal(old.params["visual"]["merger"]["fc2"]["kernel"],
+                              new.params["visual"]["merger"]["fc2"]["kernel"])
+    expect = jax.tree.map(lambda t, s: d * t.astype(np.float64) + (1 - d) * s.astype(np.float64),
+                          old.teacher, new.params)
+    assert tt.max_abs_diff(new.teacher, expect) < 1e-7
