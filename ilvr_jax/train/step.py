@@ -285,7 +285,7 @@ def train_step(state: TrainState, batch: Batch, cfg: StepConfig,
     zero_sums = {k: jnp.zeros((), jnp.float32) for k in _SUMS}
     (grads, sums), _ = jax.lax.scan(micro_grads, (zeros_g, zero_sums), (micro, keys))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     new_teacher = state.teacher
@@ -304,13 +304,20 @@ def train_step(state: TrainState, batch: Batch, cfg: StepConfig,
         sim=sums["sim_sum"],
         kstar=sums["kstar_sum"] / jnp.maximum(sums["segments"], 1.0),
         grad_norm=grad_norm,
-        param_norm=optax.global_norm(new_trainable),
-        lr=schedule(state.step),
+        param_norm=optax.tree.norm(new_trainable),
+        lr=schedule(_optimizer_count(state.opt_state, state.step)),
         tokens=sums["tokens"],
         target_tokens=sums["ce_tokens"],
         finite=finite,
     )
     return new_state, metrics
+
+
+def _optimizer_count(opt_state, fallback: jax.Array) -> jax.Array:
+    """The update count the optimizer's schedule reads (it lags ``state.step`` after steps
+    skipped by nan_policy="skip"), so the logged lr is the one this update used."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return counts[-1][1] if counts else fallback
 
 
 # ----------------------------------------------------------------------------- compile
