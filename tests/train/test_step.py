@@ -363,6 +363,9 @@ def test_nan_policy(tiny_setup, tt):
             np.testing.assert_array_equal(a, b)
     state, m = step(state, _device(good))
     assert bool(m["finite"])
+    # The skipped step did not advance the optimizer: this update used the schedule's first lr.
+    np.testing.assert_allclose(float(m["lr"]), float(sched(0)), rtol=1e-7)
+    assert float(sched(0)) != float(sched(1))
     after = tt.to_np(state)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
     assert not np.array_equal(after.params["text"]["norm"]["scale"], old.params["text"]["norm"]["scale"])
