@@ -146,13 +146,8 @@ class MetricWriter:
         self._tb = None
         self._jsonl = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
             truncate_jsonl(self.jsonl_path, resume_step)
-            # A unique suffix: event file names carry only the second, and a quick restart
-            # would otherwise reopen (and truncate) the previous run's file.
-            self._tb = SummaryWriter(self.path, purge_step=resume_step + 1 if resume_step else None,
-                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+            self._tb = TensorBoardWriter(self.path, purge_step=resume_step + 1 if resume_step else None)
             self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, float | None], extra: dict[str, Any] | None = None) -> None:
@@ -161,17 +156,56 @@ class MetricWriter:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items() if v is not None}
-        for k, v in scalars.items():
-            self._tb.add_scalar(f"train/{k}", v, step)
+        self._tb.write(step, {f"train/{k}": v for k, v in scalars.items()})
         self._jsonl.write(json.dumps({"step": step, **scalars, **(extra or {})}) + "\n")
         self._jsonl.flush()
-        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+class TensorBoardWriter:
+    """A synchronous TensorBoard event file writer (``events.out.tfevents.*``).
+
+    Each ``write`` is on disk when it returns (tensorboardX's ``SummaryWriter`` queues events
+    to a thread whose ``flush`` does not drain the queue, so a ``kill -9`` loses the last
+    steps). ``purge_step``: TensorBoard hides the events of earlier files at steps
+    >= purge_step (a restart from a checkpoint)."""
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        import socket
+
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.record_writer import RecordWriter
+
+        self._event_pb2 = event_pb2
+        os.makedirs(logdir, exist_ok=True)
+        # pid + ns in the name: the standard name carries only the second, and a quick
+        # restart would otherwise reopen (and truncate) the previous run's file.
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{time.time_ns()}"
+        self.path = os.path.join(logdir, name)
+        self._writer = RecordWriter(self.path)
+        self._write(event_pb2.Event(wall_time=time.time(), step=purge_step or 0, file_version="brain.Event:2"))
+        if purge_step is not None:
+            self._write(event_pb2.Event(wall_time=time.time(), step=purge_step,
+                                        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+    def _write(self, event) -> None:
+        self._writer.write(event.SerializeToString())
+        self._writer.flush()
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.proto import summary_pb2
+
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                                             for k, v in scalars.items()])
+        self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def truncate_jsonl(path: str, keep_through_step: int) -> None:
