@@ -7,10 +7,8 @@ data position), so a killed run continues exactly where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -394,6 +392,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 host_batch = next(it)
             except StopIteration:
                 logger.info("data exhausted at step %d", step)
+                if step > start_step and manager.latest_step() != step:
+                    ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=True)
                 break
             _host_batch_checks(host_batch, scfg)
             state, m = train(state, _to_global(host_batch, b_sh))
