@@ -79,7 +79,9 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     c.train.init_from = ""               # stage 2: the stage-1 workdir (or workdir/checkpoints/STEP)
     c.train.export_at_end = True         # write an HF directory of the final student
     c.train.loss_normalization = "sample"  # "sample": the reference's per-sample mean; "token": HF token mean
-    c.train.stage2_chunk_len = 0         # stage 2: text-chunk window (0 = the sequence length, always valid)
+    # Stage 2: window widths (first text chunk, later chunks) of the KV-cached latent recurrence;
+    # 0 = the sequence length (always valid). Tight windows make stage 2 cost about one forward.
+    c.train.stage2_chunk_len = (0, 0)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)            # (data, fsdp, tensor); -1 = all remaining devices
@@ -115,6 +117,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.train.log_every = 5
         c.train.checkpoint_every = 20
         c.train.num_steps = 60
+        c.train.stage2_chunk_len = (0, 96)
         c.mesh.shape = (1, 1, 1)
     if preset == "debug":
         c.data.batch_size = 2

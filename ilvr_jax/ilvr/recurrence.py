@@ -35,48 +35,72 @@ from ilvr_jax.model.config import TextConfig
 Params = dict[str, Any]
 
 
-def chunk_bounds(latent_starts: jax.Array, segment_mask: jax.Array, K: int, seq_len: int):
+def chunk_bounds(latent_starts: jax.Array, segment_mask: jax.Array, K: int, seq_len: int,
+                 attention_mask: jax.Array | None = None):
     """Per row, the [start, end) of text chunks 0..M: ([B, M+1], [B, M+1]).
 
-    Chunk m ends after segment m's ``<|latent_start|>`` (or at S when the row has no
-    segment m); chunk m >= 1 starts at segment m-1's ``<|latent_end|>`` (or is empty, start
-    = S, when the row has no segment m-1)."""
+    Chunk m ends after segment m's ``<|latent_start|>`` (or after the row's last real
+    token when the row has no segment m); chunk m >= 1 starts at segment m-1's
+    ``<|latent_end|>`` (or is empty when the row has no segment m-1). Right padding after
+    the last real token belongs to no chunk: nothing attends to it."""
     b = latent_starts.shape[0]
     seg = segment_mask.astype(bool)
-    s = jnp.int32(seq_len)
+    if attention_mask is None:
+        seq_end = jnp.full((b,), seq_len, jnp.int32)
+    else:
+        real = jnp.asarray(attention_mask).astype(bool)
+        seq_end = jnp.max(jnp.where(real, jnp.arange(seq_len, dtype=jnp.int32)[None] + 1, 0), axis=1)
+    seq_end = seq_end[:, None]
     starts = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
-                              jnp.where(seg, latent_starts + K + 1, s).astype(jnp.int32)], axis=1)
-    ends = jnp.concatenate([jnp.where(seg, latent_starts + 1, s).astype(jnp.int32),
-                            jnp.full((b, 1), s, jnp.int32)], axis=1)
+                              jnp.where(seg, latent_starts + K + 1, seq_end).astype(jnp.int32)], axis=1)
+    ends = jnp.concatenate([jnp.where(seg, latent_starts + 1, seq_end).astype(jnp.int32),
+                            jnp.broadcast_to(seq_end, (b, 1)).astype(jnp.int32)], axis=1)
     ends = jnp.maximum(ends, starts)
     return starts, ends
 
 
-def max_chunk_length(latent_starts: np.ndarray, segment_mask: np.ndarray, K: int, seq_len: int) -> int:
+def max_chunk_length(latent_starts: np.ndarray, segment_mask: np.ndarray, K: int, seq_len: int,
+                     attention_mask: np.ndarray | None = None) -> int:
     """Host-side: the longest text chunk of a batch (the smallest valid ``chunk_len``)."""
-    starts, ends = chunk_bounds(jnp.asarray(latent_starts), jnp.asarray(segment_mask), K, seq_len)
+    starts, ends = chunk_bounds(jnp.asarray(latent_starts), jnp.asarray(segment_mask), K, seq_len,
+                                attention_mask)
     return int(np.max(np.asarray(ends) - np.asarray(starts)))
 
 
+def chunk_windows(chunk_len: int | tuple[int, int] | None, num_chunks: int, seq_len: int) -> tuple[int, ...]:
+    """Window width of each of the ``num_chunks`` text chunks (None entries = the sequence length)."""
+    if chunk_len is None or isinstance(chunk_len, (int, np.integer)):
+        first = rest = chunk_len
+    else:
+        first, rest = chunk_len
+    widths = tuple(seq_len if w is None else int(w) for w in (first,) + (rest,) * (num_chunks - 1))
+    for w in widths:
+        if w < 1 or w > seq_len:
+            raise ValueError(f"chunk_len must be in [1, {seq_len}], got {chunk_len}")
+    return widths
+
+
 def check_chunk_len(latent_starts: np.ndarray, segment_mask: np.ndarray, K: int, seq_len: int,
-                    chunk_len: int | None) -> None:
-    """Host-side, before the step: every text chunk of every sample fits ``chunk_len``
-    (a longer chunk would leave tokens unprocessed). Raises naming the sample."""
-    if not chunk_len:
-        return
-    starts, ends = chunk_bounds(jnp.asarray(latent_starts), jnp.asarray(segment_mask), K, seq_len)
+                    chunk_len: int | tuple[int, int] | None, attention_mask: np.ndarray | None = None) -> None:
+    """Host-side, before the step: every text chunk of every sample fits its window (a
+    longer chunk would leave tokens unprocessed). Raises naming the sample."""
+    starts, ends = chunk_bounds(jnp.asarray(latent_starts), jnp.asarray(segment_mask), K, seq_len,
+                                attention_mask)
     lengths = np.asarray(ends) - np.asarray(starts)
+    widths = np.asarray(chunk_windows(chunk_len, lengths.shape[1], seq_len))
     for b, row in enumerate(lengths):
-        if row.max() > chunk_len:
-            m = int(row.argmax())
-            raise ValueError(f"sample {b}: text chunk {m} has {int(row.max())} tokens, more than "
-                             f"stage2_chunk_len={chunk_len}; raise it (0 = the sequence length)")
+        over = np.nonzero(row > widths)[0]
+        if over.size:
+            m = int(over[0])
+            raise ValueError(f"sample {b}: text chunk {m} has {int(row[m])} tokens, more than its "
+                             f"window of {int(widths[m])} (stage2_chunk_len={chunk_len}); raise it "
+                             "(or leave it unset: the sequence length)")
 
 
 def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array,
                               attention_mask: jax.Array, position_ids: jax.Array,
                               latent_starts: jax.Array, segment_mask: jax.Array, K: int, *,
-                              chunk_len: int | None = None, dtype=jnp.float32,
+                              chunk_len: int | tuple[int, int] | None = None, dtype=jnp.float32,
                               remat_policy: str = "none", attn_impl: str | None = None) -> jax.Array:
     """Last-layer hidden states [B, S, D] of the sequence with every latent pad's input
     replaced by the previous position's hidden state (``embeds`` at the pads is ignored).
@@ -86,14 +110,12 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
     [B, M] (the contract layout), K latents per segment.
     """
     b, s, d = embeds.shape
-    c = s if chunk_len is None else int(chunk_len)
-    if c < 1 or c > s:
-        raise ValueError(f"chunk_len must be in [1, {s}], got {c}")
+    m_max = latent_starts.shape[1]
+    widths = chunk_windows(chunk_len, m_max + 1, s)
     trash = s  # the extra cache slot for masked writes
     valid_tok = jnp.asarray(attention_mask).astype(bool)
     seg = segment_mask.astype(bool)
-    m_max = latent_starts.shape[1]
-    starts, ends = chunk_bounds(latent_starts, seg, K, s)
+    starts, ends = chunk_bounds(latent_starts, seg, K, s, valid_tok)
     cache = text_lib.init_cache(cfg, b, s + 1, dtype)
     rows = jnp.arange(b)[:, None]
 
@@ -103,6 +125,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
                                         dtype=dtype, remat_policy=remat_policy, attn_impl=attn_impl)
 
     def text_chunk(cache, out, m):
+        c = widths[m]
         pos = starts[:, m][:, None] + jnp.arange(c, dtype=jnp.int32)[None]          # [B, C]
         inside = pos < ends[:, m][:, None]
         pos_c = jnp.minimum(pos, s - 1)

@@ -287,7 +287,7 @@ def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> step_li
         frozen_patterns=tuple(c.optim.frozen),
         nan_policy=c.train.nan_policy,
         loss_normalization=c.train.loss_normalization,
-        stage2_chunk_len=int(c.train.stage2_chunk_len) or None,
+        stage2_chunk_len=tuple(int(w) or None for w in c.train.stage2_chunk_len),
     )
 
 
@@ -297,6 +297,12 @@ def _host_batch_checks(batch: dict[str, np.ndarray], scfg: step_lib.StepConfig) 
                            batch["segment_mask"] & batch["sample_mask"][:, None], batch["helper_grid_thw"],
                            batch["assistant_start"], scfg.latent_size, scfg.token_ids, p=scfg.top_p,
                            merge_unit=scfg.model.vision.merge_unit)
+    if scfg.stage == 2:
+        from ilvr_jax.ilvr import recurrence
+
+        recurrence.check_chunk_len(batch["latent_starts"], batch["segment_mask"] & batch["sample_mask"][:, None],
+                                   scfg.latent_size, batch["input_ids"].shape[1], scfg.stage2_chunk_len,
+                                   batch["attention_mask"])
 
 
 def _to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

@@ -82,7 +82,7 @@ class StepConfig:
     frozen_patterns: tuple[str, ...] = ("visual/.*",)
     nan_policy: str = "stop"           # "stop": report non-finite loss; "skip": also keep the old state
     loss_normalization: str = "sample"  # "sample" (the reference) or "token"
-    stage2_chunk_len: int | None = None  # text-chunk window of the stage-2 recurrence (None = S)
+    stage2_chunk_len: int | tuple | None = None  # stage-2 text-chunk windows (see ilvr.recurrence)
 
     def __post_init__(self):
         if self.stage not in (1, 2):

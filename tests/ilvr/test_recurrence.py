@@ -57,7 +57,7 @@ def naive_recurrence(params_text, cfg, embeds, attention_mask, position_ids, lat
     return h
 
 
-@pytest.mark.parametrize("chunk_len", [None, 26])
+@pytest.mark.parametrize("chunk_len", [None, 26, (13, 24)])
 def test_chunked_recurrence_equals_naive(setup, chunk_len):
     cfg, params, embeds, am, pos, ls, sm = setup
     tc = cfg.text
@@ -92,11 +92,16 @@ def test_chunked_recurrence_gradients_equal_naive(setup):
 
 
 def test_chunk_bounds_and_max_chunk_length(setup):
-    _, _, _, _, _, ls, sm = setup
+    _, _, _, am, _, ls, sm = setup
     starts, ends = recurrence.chunk_bounds(ls, sm, K, S)
     np.testing.assert_array_equal(np.asarray(starts), [[0, 10, 19, 31], [0, 16, S, S], [0, 8, 14, S]])
     np.testing.assert_array_equal(np.asarray(ends), [[7, 16, 28, S], [13, S, S, S], [5, 11, S, S]])
     assert recurrence.max_chunk_length(np.asarray(ls), np.asarray(sm), K, S) == 26
+    # Row 2 is right-padded from 33 on: its last chunk ends at its last real token.
+    starts, ends = recurrence.chunk_bounds(ls, sm, K, S, am)
+    np.testing.assert_array_equal(np.asarray(starts), [[0, 10, 19, 31], [0, 16, S, S], [0, 8, 14, 33]])
+    np.testing.assert_array_equal(np.asarray(ends), [[7, 16, 28, S], [13, S, S, S], [5, 11, 33, 33]])
+    assert recurrence.max_chunk_length(np.asarray(ls), np.asarray(sm), K, S, np.asarray(am)) == 24
 
 
 def test_chunk_len_out_of_range_is_rejected(setup):
@@ -108,8 +113,14 @@ def test_chunk_len_out_of_range_is_rejected(setup):
 
 
 def test_check_chunk_len_names_the_sample(setup):
-    _, _, _, _, _, ls, sm = setup
+    _, _, _, am, _, ls, sm = setup
     recurrence.check_chunk_len(np.asarray(ls), np.asarray(sm), K, S, 26)
     recurrence.check_chunk_len(np.asarray(ls), np.asarray(sm), K, S, None)
+    recurrence.check_chunk_len(np.asarray(ls), np.asarray(sm), K, S, (13, 26))
+    recurrence.check_chunk_len(np.asarray(ls), np.asarray(sm), K, S, (13, 24), np.asarray(am))
     with pytest.raises(ValueError, match="sample 2: text chunk 2 has 26 tokens"):
         recurrence.check_chunk_len(np.asarray(ls), np.asarray(sm), K, S, 25)
+    with pytest.raises(ValueError, match="sample 1: text chunk 1 has 24 tokens"):
+        recurrence.check_chunk_len(np.asarray(ls), np.asarray(sm), K, S, (13, 23), np.asarray(am))
+    with pytest.raises(ValueError, match="sample 1: text chunk 0 has 13 tokens"):
+        recurrence.check_chunk_len(np.asarray(ls), np.asarray(sm), K, S, (12, 26))
