@@ -233,8 +233,13 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+CONSOLE_ORDER = ("loss", "ce", "sim", "kstar", "grad_norm", "lr", "tokens_per_s", "mfu", "step_time_s")
+
+
 def format_scalars(scalars: dict[str, float | None]) -> str:
-    return " ".join(f"{k}={v:.5g}" for k, v in scalars.items() if v is not None)
+    """``k=v`` pairs, the headline metrics first; None (e.g. MFU on CPU) left out."""
+    keys = [k for k in CONSOLE_ORDER if k in scalars] + sorted(k for k in scalars if k not in CONSOLE_ORDER)
+    return " ".join(f"{k}={scalars[k]:.5g}" for k in keys if scalars[k] is not None)
 
 
 class Throughput:

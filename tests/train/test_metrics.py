@@ -126,3 +126,10 @@ def test_batch_fingerprint_sees_tokens_and_order():
     changed = dict(batch, input_ids=batch["input_ids"].copy())
     changed["input_ids"][1, 3] += 1
     assert M.batch_fingerprint(changed) != fp
+
+
+def test_console_line_puts_the_headline_metrics_first_and_omits_unknown_mfu():
+    line = M.format_scalars({"param_norm": 2.0, "tokens_per_s": 10.0, "mfu": None, "loss": 1.5, "kstar": 3.0,
+                             "ce": 1.0, "sim": 0.5, "lr": 1e-4, "grad_norm": 0.25})
+    assert line == "loss=1.5 ce=1 sim=0.5 kstar=3 grad_norm=0.25 lr=0.0001 tokens_per_s=10 param_norm=2"
+    assert "mfu=0.42" in M.format_scalars({"loss": 1.0, "mfu": 0.42})
