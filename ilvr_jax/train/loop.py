@@ -414,12 +414,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     raise TrainingDiverged(f"{msg}; training stopped (train.nan_policy='stop'). The last "
                                            f"checkpoint in {manager.directory} is from before this step.")
                 logger.warning("%s; the update was skipped (train.nan_policy='skip')", msg)
-            thr.update(float(m["tokens"]))
+            if step == start_step + 1:
+                thr.skip()           # this process's first step includes compilation
+            else:
+                thr.update(float(m["tokens"]))
             if best_metric and finite:
                 best_acc.append(float(m[best_metric]))
             if step % int(c.train.log_every) == 0 or step == total_steps:
                 scalars = {k: float(v) for k, v in m.items() if k != "finite"}
-                scalars.update(thr.read())   # tokens_per_s, step_time_s, tflops_per_device, mfu (None on CPU)
+                scalars.update(thr.read())   # tokens_per_s, step_time_s, tflops_per_device, mfu (None: unknown)
                 writer.write(step, scalars, extra={"batch_fingerprint": metrics_lib.batch_fingerprint(host_batch),
                                                    "finite": finite})
                 last = {k: v for k, v in scalars.items() if v is not None}

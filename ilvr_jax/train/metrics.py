@@ -243,7 +243,11 @@ def format_scalars(scalars: dict[str, float | None]) -> str:
 
 
 class Throughput:
-    """Tokens/s and MFU between log points (wall clock, after the step's results are ready)."""
+    """Tokens/s and MFU between log points (wall clock, after the step's results are ready).
+
+    ``skip()`` after a step restarts the clock without counting it: the first step of a
+    process includes compilation. A window without counted steps reads as None.
+    MFU = achieved FLOP/s per device / peak (None where the peak is unknown, e.g. CPU)."""
 
     def __init__(self, flops_per_step: float, num_devices: int, peak: float | None):
         self.flops_per_step = flops_per_step
@@ -257,10 +261,15 @@ class Throughput:
         self._steps += 1
         self._tokens += tokens
 
+    def skip(self) -> None:
+        self._t, self._steps, self._tokens = time.perf_counter(), 0, 0.0
+
     def read(self) -> dict[str, Any]:
         now = time.perf_counter()
+        if self._steps == 0:
+            return {"tokens_per_s": None, "step_time_s": None, "tflops_per_device": None, "mfu": None}
         dt = max(now - self._t, 1e-9)
-        out = {"tokens_per_s": self._tokens / dt, "step_time_s": dt / max(self._steps, 1)}
+        out = {"tokens_per_s": self._tokens / dt, "step_time_s": dt / self._steps}
         achieved = self.flops_per_step * self._steps / dt / self.num_devices
         out["tflops_per_device"] = achieved / 1e12
         out["mfu"] = achieved / self.peak if self.peak else None

@@ -68,7 +68,7 @@ def test_step_flops_terms(model_cfg):
 
 
 def test_throughput_and_mfu(monkeypatch):
-    clock = iter([0.0, 2.0, 3.0, 10.0, 11.0])
+    clock = iter([0.0, 2.0, 3.0, 4.0, 10.0, 11.0])
     monkeypatch.setattr(M.time, "perf_counter", lambda: next(clock))
     thr = M.Throughput(flops_per_step=1e12, num_devices=4, peak=1e12)
     thr.update(100.0)
@@ -79,6 +79,7 @@ def test_throughput_and_mfu(monkeypatch):
     assert out["mfu"] == pytest.approx(2e12 / 2.0 / 4 / 1e12)
     thr.update(50.0)
     assert thr.read()["tokens_per_s"] == pytest.approx(50.0)   # counters reset at each read
+    assert thr.read() == {"tokens_per_s": None, "step_time_s": None, "tflops_per_device": None, "mfu": None}
     cpu = M.Throughput(1e9, 1, M.peak_flops_per_device())
     cpu.update(10.0)
     assert M.peak_flops_per_device() is None and cpu.read()["mfu"] is None   # CPU: unknown peak
