@@ -91,6 +91,9 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None) ->
          f"train.keep_best_metric must be one of {BEST_METRICS}, got {c.train.keep_best_metric!r}")
     need(int(c.train.keep_checkpoints) >= 0, f"train.keep_checkpoints must be >= 0 (0 = keep all)")
     need(int(c.data.max_length) >= 1, f"data.max_length must be >= 1, got {c.data.max_length}")
+    windows = tuple(c.train.stage2_chunk_len)
+    need(len(windows) == 2 and all(int(w) >= 0 for w in windows),
+         f"train.stage2_chunk_len must be (first, rest) window widths >= 0 (0 = sequence length), got {windows}")
     need(len(tuple(c.mesh.shape)) == 3, f"mesh.shape must be (data, fsdp, tensor), got {tuple(c.mesh.shape)}")
     # Paths.
     if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
