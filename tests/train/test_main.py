@@ -188,8 +188,8 @@ def test_mesh_not_matching_the_devices_is_rejected_before_work(tmp_path):
 def test_demo_preset_end_to_end(tmp_path):
     wd = str(tmp_path / "demo")
     p = runs.run_main(wd, "--config.train.num_steps=3", "--config.train.log_every=1",
-                      "--config.train.checkpoint_every=2", config=runs.STAGE1 + ":demo",
-                      cache_dir=str(tmp_path / "cache"))
+                      "--config.train.checkpoint_every=2", "--config.train.keep_best_metric=loss",
+                      config=runs.STAGE1 + ":demo", cache_dir=str(tmp_path / "cache"))
     out = p.stdout + p.stderr
     # The resolved config is printed and saved, overrides applied.
     assert "resolved config:" in p.stdout
@@ -220,6 +220,9 @@ def test_demo_preset_end_to_end(tmp_path):
     assert sorted(tb["train/tokens_per_s"]) == [2, 3]
     assert tb["train/loss"][3] == pytest.approx(logged[2]["loss"], rel=1e-6)
     assert runs.finished_steps(wd)[-1] == 3
+    # keep_best_metric: each checkpoint carries the mean loss since the previous checkpoint.
+    with open(os.path.join(wd, "checkpoints", "3", "metrics", "metrics")) as f:
+        assert json.load(f) == {"loss": pytest.approx(logged[2]["loss"], rel=1e-6)}
     assert os.path.isfile(os.path.join(wd, "export_hf", "config.json"))
     # A second start with the same workdir resumes (nothing left to do) without any flag.
     p2 = runs.run_main(wd, "--config.train.num_steps=3", "--config.train.log_every=1",
