@@ -435,11 +435,13 @@ def test_bad_batches_fail_on_the_host_naming_the_sample(tiny_setup, tt):
         _host_batch_checks(_corrupt(nb, helper_grid_thw=thw), cfg)
 
 
-def test_padding_samples_add_nothing_token_normalization(tiny_setup, tt):
+@pytest.mark.parametrize("norm", ["sample", "token"])
+def test_padding_samples_add_nothing(tiny_setup, tt, norm):
     """A short last batch: rows with sample_mask False (here: copies of real samples, the
-    hardest case) change neither the loss nor the gradient. Checked with
-    loss_normalization "token", whose CE is sum of token NLLs / target tokens of the batch."""
-    cfg = tt.step_config(tiny_setup, noise_scale=0.0, loss_normalization="token")
+    hardest case) change neither the loss nor the gradient, under both loss
+    normalisations; "token" takes CE = sum of token NLLs / target tokens of the batch,
+    "sample" the mean over real samples of their token means."""
+    cfg = tt.step_config(tiny_setup, noise_scale=0.0, loss_normalization=norm)
     tx, sched = _sgd()
     rows = _mixed_rows(tiny_setup.batch)
     real = tt.sub_batch(tiny_setup.batch, rows[:2])
@@ -471,7 +473,8 @@ def test_padding_samples_add_nothing_token_normalization(tiny_setup, tt):
 
     s, c = jax.device_get(ce_sums(_device(p0), _device(real)))
     assert c[0] != c[1]  # token and sample means differ
-    np.testing.assert_allclose(m_r["ce"], s.sum() / c.sum(), rtol=1e-5)
+    expect = s.sum() / c.sum() if norm == "token" else np.mean(s / c)
+    np.testing.assert_allclose(m_r["ce"], expect, rtol=1e-5)
     assert m_r["target_tokens"] == c.sum()
 
 
