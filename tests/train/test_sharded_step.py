@@ -1,4 +1,5 @@
-"""The pjit-sharded stage-1 step on 8 fake CPU devices == the single-device step."""
+"""The pjit-sharded stage-1 step on 8 fake CPU devices == the single-device step (two
+consecutive steps: metrics, parameters, teacher and optimizer state)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def single_device_result(tiny_setup, tt):
     cfg, tx, sched, batch = _setup(tiny_setup, tt)
     step = step_lib.compile_train_step(cfg, tx, sched)
     state, metrics = step(tt.fresh_state(tiny_setup, cfg, tx), batch)
-    return tt.to_np(state), {k: np.asarray(v) for k, v in metrics.items()}
+    state, metrics2 = step(state, batch)
+    return tt.to_np(state), [{k: np.asarray(v) for k, v in m.items()} for m in (metrics, metrics2)]
 
 
 def _is_replicated(sharding) -> bool:
@@ -49,6 +51,8 @@ def test_sharded_step_equals_single_device(tiny_setup, tt, single_device_result,
     batch = jax.device_put(batch, step_lib.batch_shardings(mesh, batch_shapes))
     step = step_lib.compile_train_step(cfg, tx, sched, mesh, state_shapes, batch_shapes)
     new_state, metrics = step(state, batch)
+    # The second step reads the first one's (donated, resharded) output state.
+    new_state, metrics2 = step(new_state, batch)
 
     # Where the state lives: student and teacher leaves alike, parameters sharded over
     # fsdp/tensor when the mesh has such axes, the batch over data x fsdp.
@@ -69,12 +73,13 @@ def test_sharded_step_equals_single_device(tiny_setup, tt, single_device_result,
 
     ref_state, ref_metrics = single_device_result
     got = tt.to_np(new_state)
-    for k, v in ref_metrics.items():
-        np.testing.assert_allclose(np.asarray(metrics[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
+    for got_m, ref_m in zip((metrics, metrics2), ref_metrics):
+        for k, v in ref_m.items():
+            np.testing.assert_allclose(np.asarray(got_m[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
     errs = {name: tt.max_abs_diff(getattr(ref_state, name), getattr(got, name))
             for name in ("params", "teacher", "opt_state")}
     print(f"mesh {shape}: max |sharded - single| {errs}, loss diff "
-          f"{abs(float(metrics['loss']) - float(ref_metrics['loss'])):.2e}, sharded param leaves {n_sharded}")
+          f"{abs(float(metrics2['loss']) - float(ref_metrics[1]['loss'])):.2e}, sharded param leaves {n_sharded}")
     assert max(errs.values()) < 1e-5
     assert errs["opt_state"] < 1e-7
-    assert int(got.step) == 1
+    assert int(got.step) == 2
