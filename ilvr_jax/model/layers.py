@@ -35,6 +35,20 @@ def gated_mlp(x: jax.Array, p: Params, dtype=None) -> jax.Array:
                  p["down_proj"], dtype)
 
 
+def rotate_half(x: jax.Array) -> jax.Array:
+    """[x1, x2] -> [-x2, x1] over the last axis."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding ``x * cos + rotate_half(x) * sin`` in fp32, cast back to x's dtype
+    (as HF). x: [B, S, H, D]; cos, sin: [B, S, D] (shared by all heads)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * cos[:, :, None, :] + rotate_half(x32) * sin[:, :, None, :]
+    return y.astype(x.dtype)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
               implementation: str | None = None) -> jax.Array:
     """Scaled dot-product attention, the one place every attention goes through.

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ilvr_jax.model.config import ModelConfig, TextConfig
+from ilvr_jax.model.layers import apply_rotary, rotate_half  # noqa: F401  (shared with the vision tower)
 
 
 def mrope_position_ids(input_ids: jax.Array, attention_mask: jax.Array | None,
@@ -126,19 +127,6 @@ def mrope_cos_sin(position_ids: jax.Array, cfg: TextConfig) -> tuple[jax.Array, 
     angles = jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq, jnp.float32)  # [B, S, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
-
-
-def rotate_half(x: jax.Array) -> jax.Array:
-    """[x1, x2] -> [-x2, x1] over the last axis."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, S, H, D] rotated by cos/sin [B, S, D] in fp32, returned in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return (x32 * c + rotate_half(x32) * s).astype(x.dtype)
 
 
 def apply_mrope(q: jax.Array, k: jax.Array, position_ids: jax.Array,

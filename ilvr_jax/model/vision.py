@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from ilvr_jax import sharding
 from ilvr_jax.model import layers
 from ilvr_jax.model.config import VisionConfig
+from ilvr_jax.model.layers import apply_rotary
 
 Params = dict[str, Any]
 
@@ -146,18 +147,6 @@ def rotary_tables(cfg: VisionConfig, row: jax.Array, col: jax.Array) -> tuple[ja
                            col[..., None].astype(jnp.float32) * inv], axis=-1)
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
-
-
-def _rotate_half(x: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """``x * cos + rotate_half(x) * sin`` in fp32, cast back (as HF). x: [B, P, H, D]; cos/sin [B, P, D]."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * cos[:, :, None, :] + _rotate_half(x32) * sin[:, :, None, :]
-    return y.astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- block, merger
