@@ -197,7 +197,8 @@ def student_stage2(params: Params, cfg: StepConfig, batch: Batch, question_feats
     embeds = _input_embeds(params, cfg, batch, question_feats)
     hidden = recurrence.latent_recurrence_forward(
         params["text"], cfg.model.text, embeds, batch["attention_mask"], position_ids,
-        batch["latent_starts"], batch["segment_mask"], cfg.latent_size, dtype=cfg.compute_dtype,
+        batch["latent_starts"], batch["segment_mask"], cfg.latent_size, chunk_len=cfg.stage2_chunk_len,
+        dtype=cfg.compute_dtype,
         remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl)
     logits = qwen25vl.lm_logits(params, cfg.model, hidden)
     return ilvr.next_token_ce_per_sample(logits, batch["labels"])
