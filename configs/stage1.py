@@ -33,6 +33,9 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     c.ilvr.latent_size = 8               # K
     c.ilvr.top_p = 0.9                   # p
     c.ilvr.num_candidates = 256          # L
+    # Momentum teacher decay (method section 3). The authors' released trainer defines the EMA
+    # hook under a name HF's Trainer never calls, so its teacher stays the initial model:
+    # ema_decay=1.0 reproduces that; 0.999 is the method as published.
     c.ilvr.ema_decay = 0.999
     c.ilvr.teacher_dtype = "float32"     # keep the EMA in fp32: bf16 rounds 1e-3 steps away
     c.ilvr.ce_weight = 1.0
