@@ -53,6 +53,9 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     c.data.max_segments = 8              # M_max
     c.data.min_pixels = 4 * 28 * 28
     c.data.max_pixels = 16384 * 28 * 28
+    # Text after the plan, "{answer}" = original_final_answer; "" = nothing: the assistant turn
+    # is the plan alone, as in the reference (its plans end with the answer).
+    c.data.answer_format = ""
     c.data.batch_size = 8                # global batch per optimizer step
     c.data.shuffle = True
     c.data.worker_count = 2
@@ -110,6 +113,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.data.max_segments = 6
         c.data.min_pixels = 4 * 28 * 28
         c.data.max_pixels = 64 * 28 * 28
+        c.data.answer_format = "\n{answer}"  # the maze plans end before the \boxed{} answer
         c.data.batch_size = 4
         c.data.worker_count = 0
         c.ilvr.latent_size = 4

@@ -88,7 +88,8 @@ class DataConfig:
       max_helper_patches: Ph, rows of ``helper_pixel_values`` (all helper images of a sample).
       max_segments: M, latent segments (= helper images) per sample.
       latent_size: K, latent pads per segment.
-      answer_format: text appended after the plan (``{answer}``); None = nothing (see segments.py).
+      answer_format: text appended after the plan (``{answer}`` = ``original_final_answer``);
+        None (the reference's behaviour) = nothing, the plan alone (see segments.py).
       min_pixels / max_pixels: image resize budget (Qwen2.5-VL's smart_resize); one image has
         at most about max_pixels / 196 patches, so keep max_question_patches / max_helper_patches
         in step (the defaults: 1024*28*28 pixels = 4096 patches per image).
@@ -116,7 +117,7 @@ class DataConfig:
     max_helper_patches: int = 8192
     max_segments: int = 8
     latent_size: int = 8
-    answer_format: str | None = "\n{answer}"
+    answer_format: str | None = None
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 1024 * 28 * 28
     seed: int = 0

@@ -13,10 +13,12 @@ The sequence (Qwen2.5-VL chat template, default system prompt)::
 * Assistant turn: the plan steps concatenated in order with nothing inserted between them:
   a text step is its ``content`` verbatim, a latent step is
   ``<|latent_start|>`` + K x ``<|latent_pad|>`` + ``<|latent_end|>`` (the helper image is not
-  tokenised; its patches go to the teacher separately). After the plan comes
-  ``answer_format.format(answer=original_final_answer)`` (default ``"\\n{answer}"``: the answer
-  on its own line; ``None`` appends nothing, for plans that already end with the answer).
-  Then ``<|im_end|>\\n`` as the template closes every turn.
+  tokenised; its patches go to the teacher separately). By default (``answer_format=None``,
+  as in the ILVR reference) the assistant turn is the plan alone: ``original_final_answer``
+  is not appended, the plan is expected to end with the answer. ``answer_format`` (e.g.
+  ``"\\n{answer}"``) appends ``answer_format.format(answer=original_final_answer)`` after the
+  plan, for plans that do not state the answer. Then ``<|im_end|>\\n`` as the template closes
+  every turn.
 * The whole string is tokenised in one call (special tokens split the text, so this equals
   tokenising the HF chat template output), then each ``<|image_pad|>`` is expanded.
 
@@ -79,12 +81,13 @@ class SequenceFormat:
     """How a record becomes a token sequence.
 
     latent_size: K, latent pads per segment (ILVR default 8).
-    answer_format: appended after the plan, ``{answer}`` = ``original_final_answer``; None = nothing.
+    answer_format: appended after the plan, ``{answer}`` = ``original_final_answer``; None (the
+      reference's behaviour) appends nothing.
     merge_size: vision merge size (image pads per image = t*h*w / merge_size**2).
     """
 
     latent_size: int = 8
-    answer_format: str | None = "\n{answer}"
+    answer_format: str | None = None
     merge_size: int = 2
 
     def __post_init__(self) -> None:

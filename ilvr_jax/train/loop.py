@@ -259,6 +259,7 @@ def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int):
         max_helper_patches=int(c.data.max_helper_patches),
         max_segments=int(c.data.max_segments),
         latent_size=int(c.ilvr.latent_size),
+        answer_format=str(c.data.answer_format) or None,  # "" = the plan alone (reference)
         min_pixels=int(c.data.min_pixels),
         max_pixels=int(c.data.max_pixels),
         seed=int(c.seed),

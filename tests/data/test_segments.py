@@ -47,7 +47,7 @@ def enc(tokenizer, text):
 
 def test_ids_and_labels_by_hand(tokenizer, root):
     rec = record()
-    fmt = S.SequenceFormat(latent_size=K)
+    fmt = S.SequenceFormat(latent_size=K, answer_format="\n{answer}")
     sample = S.build_sample(rec, root, tokenizer, CFG, fmt, where="t")
     ids = S.SpecialIds.from_tokenizer(tokenizer)
     q_grids = [tuple(g) for g in sample.image_grid_thw]
@@ -91,7 +91,7 @@ def test_ids_and_labels_by_hand(tokenizer, root):
 
 def test_full_text_equals_chat_template(tokenizer, root):
     rec = record()
-    fmt = S.SequenceFormat(latent_size=K)
+    fmt = S.SequenceFormat(latent_size=K, answer_format="\n{answer}")
     content = S.assistant_text(rec, fmt)
     assert content == ("look at the map" + S.LATENT_START + S.LATENT_PAD * K + S.LATENT_END + " then move down"
                        + S.LATENT_START + S.LATENT_PAD * K + S.LATENT_END + "\nB")
@@ -119,14 +119,19 @@ def test_patches_and_grids(tokenizer, root):
     assert size == S.SampleSize(len(sample.input_ids), 2, len(q_pv), 2, len(h_pv))
 
 
-def test_answer_format_and_no_images(tokenizer, root):
+def test_default_assistant_turn_is_the_plan_alone(tokenizer, root):
+    """Reference behaviour: the assistant content is the sequence_plan only; the record's
+    original_final_answer is never appended (here "B" would otherwise follow the plan)."""
     rec = record(image_input=[], sequence_plan=[R.latent_step("h1.png"), R.text_step("so the answer is B")])
-    fmt = S.SequenceFormat(latent_size=2, answer_format=None)
+    fmt = S.SequenceFormat(latent_size=2)
+    assert fmt.answer_format is None
     sample = S.build_sample(rec, root, tokenizer, CFG, fmt)
     ids = S.SpecialIds.from_tokenizer(tokenizer)
-    tail = [ids.latent_start, ids.latent_pad, ids.latent_pad, ids.latent_end] + enc(
+    tail = [ids.im_start] + enc(tokenizer, "assistant\n") + [ids.latent_start, ids.latent_pad, ids.latent_pad,
+                                                              ids.latent_end] + enc(
         tokenizer, "so the answer is B") + [ids.im_end] + enc(tokenizer, "\n")
     assert sample.input_ids[-len(tail):].tolist() == tail
+    assert S.assistant_text(rec, fmt) == S.latent_segment_text(2) + "so the answer is B"
     assert sample.pixel_values.shape == (0, CFG.patch_dim) and sample.image_grid_thw.shape == (0, 3)
     fmt2 = S.SequenceFormat(latent_size=2, answer_format=" Answer: {answer}.")
     assert S.assistant_text(rec, fmt2).endswith("so the answer is B Answer: B.")
