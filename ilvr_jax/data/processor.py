@@ -15,7 +15,8 @@ the prompt expansion of ``Qwen2_5_VLProcessor``:
    patch size ``T = 2``. ``grid_thw = (1, gh, gw)``.
 
 In the prompt every image becomes ``<|vision_start|>`` + ``t*h*w / merge_size**2`` x
-``<|image_pad|>`` + ``<|vision_end|>``.
+``<|image_pad|>`` + ``<|vision_end|>``. Question images go before the question text, or, when
+the text holds ``<image>`` placeholders, each in place of one placeholder (``user_messages``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from ilvr_jax.data.records import IMAGE_PLACEHOLDER
 
 # OpenAI CLIP normalisation (HF's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -237,14 +240,37 @@ def expand_image_pads(ids: Sequence[int], image_pad_id: int, counts: Sequence[in
 
 
 def user_messages(text_input: str, num_images: int) -> list[dict[str, Any]]:
-    """The user turn as an HF content list: all question images first, then the question text.
+    """The user turn as an HF content list.
 
-    This is the order Qwen2.5-VL's own examples use (``[{"type": "image"}, ..., {"type":
-    "text"}]``); the chat template renders each image as
-    ``<|vision_start|><|image_pad|><|vision_end|>`` in place.
+    Without ``<image>`` in the text: all question images first, then the question text, the
+    order Qwen2.5-VL's own examples use (``[{"type": "image"}, ..., {"type": "text"}]``).
+
+    With placeholders: the text is split at each literal ``<image>`` and image i takes the
+    place of the i-th placeholder (the placeholder itself is removed, the text around it is
+    kept verbatim, whitespace included). This is the reference's ``place_input_image``, which
+    renders the images-first template and then moves the vision blocks onto the placeholders:
+    ``"a <image>\\nb"`` becomes ``"a <|vision_start|><|image_pad|><|vision_end|>\\nb"``.
+    The placeholder count must equal ``num_images`` (``ValueError`` otherwise: the reference
+    would fail on the image-token count).
+
+    The chat template renders each image as ``<|vision_start|><|image_pad|><|vision_end|>`` in
+    place and each text item verbatim.
     """
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
-    content.append({"type": "text", "text": text_input})
+    n_placeholders = text_input.count(IMAGE_PLACEHOLDER)
+    if n_placeholders == 0:
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+        content.append({"type": "text", "text": text_input})
+        return [{"role": "user", "content": content}]
+    if n_placeholders != num_images:
+        raise ValueError(
+            f"text_input has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for {num_images} question images"
+        )
+    parts = text_input.split(IMAGE_PLACEHOLDER)
+    content = [{"type": "text", "text": parts[0]}] if parts[0] else []
+    for part in parts[1:]:
+        content.append({"type": "image"})
+        if part:
+            content.append({"type": "text", "text": part})
     return [{"role": "user", "content": content}]
 
 

@@ -13,6 +13,9 @@ A record (CoMT's released layout, which every adapter writes)::
          {"type": "latent", "helper_image": "images/h17_2.png"}],
      "original_final_answer": "B"}
 
+``text_input`` may place its question images with literal ``<image>`` placeholders, one per
+image in ``image_input`` order; without any, the images go before the text.
+
 Image paths are absolute or relative to a root directory (usually the JSONL's directory).
 Every ``latent`` step is one latent segment whose helper image is the picture the teacher
 sees; ``text`` steps are verbatim assistant text. A record may also carry ``helper_images``
@@ -49,6 +52,10 @@ MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
 HELPER_COUNT = "helper_count"
 BAD_JSON = "bad_json"
+IMAGE_PLACEHOLDERS = "image_placeholders"
+
+# A question image's place in ``text_input`` (optional; without any the images go first).
+IMAGE_PLACEHOLDER = "<image>"
 
 
 class RecordError(ValueError):
@@ -155,7 +162,8 @@ def validate_record(
     ``original_final_answer`` str, ``image_input`` list of str, ``sequence_plan`` a non-empty
     list of steps, each ``{"type": "text", "content": str}`` or ``{"type": "latent",
     "helper_image": str}``); optional ``id`` str/int, ``task`` str; ``helper_images`` (if
-    present) equal to the latent steps' helper images; with ``check_images`` every question and
+    present) equal to the latent steps' helper images; ``<image>`` placeholders in
+    ``text_input``, if any, one per question image; with ``check_images`` every question and
     helper image exists and PIL recognises it (``verify_images`` also reads its data).
     """
     if isinstance(rec, Mapping) and rec.get("id") is not None and "(id=" not in where:
@@ -177,6 +185,12 @@ def validate_record(
     images = rec["image_input"]
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise RecordError(where, WRONG_TYPE, "'image_input' must be a list of path strings")
+    n_placeholders = rec["text_input"].count(IMAGE_PLACEHOLDER)
+    if n_placeholders and n_placeholders != len(images):
+        raise RecordError(
+            where, IMAGE_PLACEHOLDERS,
+            f"'text_input' has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} question images",
+        )
     plan = rec["sequence_plan"]
     if not isinstance(plan, list):
         raise RecordError(where, WRONG_TYPE, f"'sequence_plan' must be a list, got {type(plan).__name__}")

@@ -5,11 +5,14 @@ The sequence (Qwen2.5-VL chat template, default system prompt)::
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n  [<|vision_start|> n_i x <|image_pad|> <|vision_end|>] for each question image
                        question text<|im_end|>\\n
-    <|im_start|>assistant\\n  plan step_1 step_2 ... answer<|im_end|>\\n
+    <|im_start|>assistant\\n  plan step_1 step_2 ... [answer]<|im_end|>\\n
 
 * User turn: the HF content list ``[image, ..., image, text]``: all question images (in
   ``image_input`` order) before the question text, as Qwen2.5-VL's examples and the template
-  place them; image i has ``t*h*w/4`` pads.
+  place them; image i has ``t*h*w/4`` pads. If ``text_input`` holds literal ``<image>``
+  placeholders (one per question image, else ``RecordError`` "image_placeholders"), image i
+  replaces the i-th placeholder instead and the text around it stays verbatim (the
+  reference's ``place_input_image``; see ``processor.user_messages``).
 * Assistant turn: the plan steps concatenated in order with nothing inserted between them:
   a text step is its ``content`` verbatim, a latent step is
   ``<|latent_start|>`` + K x ``<|latent_pad|>`` + ``<|latent_end|>`` (the helper image is not
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ilvr_jax.data import processor as proc
-from ilvr_jax.data.records import RecordError, resolve_image_path
+from ilvr_jax.data.records import IMAGE_PLACEHOLDERS, RecordError, resolve_image_path
 
 LATENT_PAD = "<|latent_pad|>"
 LATENT_START = "<|latent_start|>"
@@ -159,7 +162,10 @@ def tokenize_record(
     if len(question_grids) != len(rec["image_input"]):
         raise ValueError(f"{where}: {len(question_grids)} grids for {len(rec['image_input'])} question images")
     check_text(rec, tokenizer, where)
-    prompt = proc.build_prompt_text(tokenizer, rec["text_input"], len(question_grids), add_generation_prompt=True)
+    try:
+        prompt = proc.build_prompt_text(tokenizer, rec["text_input"], len(question_grids), add_generation_prompt=True)
+    except ValueError as e:  # placeholder count differs from the image count
+        raise RecordError(where, IMAGE_PLACEHOLDERS, str(e)) from None
     full = prompt + assistant_text(rec, fmt) + "<|im_end|>\n"
     raw = tokenizer(full, add_special_tokens=False)["input_ids"]
     counts = [proc.num_image_tokens(g, fmt.merge_size) for g in question_grids]

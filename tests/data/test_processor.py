@@ -142,6 +142,33 @@ def test_prompt_ids_match_hf_processor(tokenizer, sizes):
     assert ids.count(pad) == sum(P.num_image_tokens(g) for g in grids)
 
 
+@pytest.mark.parametrize("question", ["Compare <image> and\n<image>: which is red?", "<image>\n<image> Which?"])
+def test_placeholder_prompt_ids_match_hf_processor(tokenizer, question):
+    """With ``<image>`` placeholders each image's vision block stands at its placeholder: the
+    reference renders images first and then moves the blocks onto the placeholders; HF's
+    processor then expands the pads of image i at the i-th block."""
+    imgs = [random_image(37, 301), random_image(112, 112)]
+    block = "<|vision_start|><|image_pad|><|vision_end|>"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": question}]}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    text = text.replace(block, "").replace("<image>", block)
+    ref = hf_processor(tokenizer)(text=[text], images=imgs, return_tensors="np")
+    grids = [tuple(int(v) for v in g) for g in P.preprocess_images(imgs, CFG)[1]]
+    assert P.num_image_tokens(grids[0]) != P.num_image_tokens(grids[1])
+    ids = P.build_prompt_ids(tokenizer, question, grids)
+    assert ids == ref["input_ids"][0].tolist()
+    # Without placeholders the same question text puts the images first: a different sequence.
+    assert ids != P.build_prompt_ids(tokenizer, question.replace("<image>", ""), grids)
+
+
+def test_default_pixel_budget_is_qwen25vl_checkpoint_default():
+    """Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 3136, max_pixels 12845056."""
+    cfg = P.ImageProcessorConfig()
+    assert (cfg.min_pixels, cfg.max_pixels) == (3136, 12845056) == (4 * 28 * 28, 16384 * 28 * 28)
+
+
 def test_missing_special_token_is_a_clear_error():
     tok = build_tokenizer(latent_tokens=False)
     with pytest.raises(ValueError, match="no token '<\\|latent_pad\\|>'"):

@@ -152,3 +152,105 @@ def test_missing_latent_tokens_clear_error():
     tok = build_tokenizer(latent_tokens=False)
     with pytest.raises(ValueError, match="latent_pad"):
         S.SpecialIds.from_tokenizer(tok)
+
+
+VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def place_input_image(text, image_pad=VISION_BLOCK, image_placeholder="<image>", sep_token="<|im_start|>assistant"):
+    """Transcription of the reference's ``place_input_image`` (applied to the images-first
+    chat template text): in the part before the assistant turn, drop every vision block and
+    put one at each ``<image>``."""
+    if sep_token is not None and sep_token in text:
+        t1, t2 = text.split(sep_token, 1)
+        if image_placeholder in t1:
+            t1 = t1.replace(image_pad, "")
+            t1 = t1.replace(image_placeholder, image_pad)
+        return t1 + sep_token + t2
+    if image_placeholder in text:
+        text = text.replace(image_pad, "").replace(image_placeholder, image_pad)
+    return text
+
+
+def reference_ids(tokenizer, rec, grids, fmt):
+    """The reference's conversation (all question images, then the text), its chat template
+    text, its placement, then tokenise and expand the pads in image order."""
+    user = [{"type": "image"} for _ in grids] + [{"type": "text", "text": rec["text_input"]}]
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": S.assistant_text(rec, fmt)}]
+    text = place_input_image(tokenizer.apply_chat_template(msgs, tokenize=False))
+    return P.expand_image_pads(enc(tokenizer, text), tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                               [P.num_image_tokens(g) for g in grids])
+
+
+@pytest.mark.parametrize("question", [
+    "Compare <image> with\n<image> : which is larger?",
+    "<image>\n<image>\nWhich is larger?",
+    "Left:<image>Right: <image>",
+    "  <image> and <image> \n",
+])
+def test_image_placeholders_place_the_question_images(tokenizer, root, question):
+    rec = record(text_input=question)
+    fmt = S.SequenceFormat(latent_size=K)
+    sample = S.build_sample(rec, root, tokenizer, CFG, fmt, where="t")
+    grids = [tuple(int(v) for v in g) for g in sample.image_grid_thw]
+    ids = S.SpecialIds.from_tokenizer(tokenizer)
+    counts = [P.num_image_tokens(g) for g in grids]
+    assert counts[0] != counts[1]  # the two images are told apart by their pad counts
+
+    # By hand: each placeholder replaced by one vision block, nothing else changed.
+    a, b, c = question.split("<image>")
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            + a + VISION_BLOCK + b + VISION_BLOCK + c + "<|im_end|>\n<|im_start|>assistant\n"
+            + S.assistant_text(rec, fmt) + "<|im_end|>\n")
+    want = P.expand_image_pads(enc(tokenizer, text), ids.image_pad, counts)
+    assert sample.input_ids.tolist() == want
+    # The reference's own placement, transcribed.
+    assert sample.input_ids.tolist() == reference_ids(tokenizer, rec, grids, fmt)
+    # Image i sits at placeholder i: the first run of pads has image 0's count.
+    runs = np.flatnonzero(sample.input_ids == ids.vision_start)
+    assert (sample.input_ids[runs[0] + 1:runs[0] + 1 + counts[0]] == ids.image_pad).all()
+    assert sample.input_ids[runs[0] + 1 + counts[0]] == ids.vision_end
+    # Labels still start after the assistant role; the prompt is ignored.
+    assert (sample.labels[: sample.assistant_start + len(ids.assistant_role)] == -100).all()
+    # The inference prompt places the images the same way.
+    prompt = P.build_prompt_ids(tokenizer, question, grids)
+    assert prompt == want[: len(prompt)]
+    assert len(prompt) == sample.assistant_start + len(enc(tokenizer, "<|im_start|>assistant\n"))
+
+
+def test_placeholders_at_the_front_equal_images_first(tokenizer, root):
+    fmt = S.SequenceFormat(latent_size=K)
+    front = S.build_sample(record(text_input="<image><image>Which is larger?"), root, tokenizer, CFG, fmt)
+    plain = S.build_sample(record(text_input="Which is larger?"), root, tokenizer, CFG, fmt)
+    assert front.input_ids.tolist() == plain.input_ids.tolist()
+    moved = S.build_sample(record(text_input="Which is larger?<image><image>"), root, tokenizer, CFG, fmt)
+    assert moved.input_ids.tolist() != plain.input_ids.tolist()
+    assert sorted(moved.input_ids.tolist()) == sorted(plain.input_ids.tolist())
+
+
+@pytest.mark.parametrize("question,images", [
+    ("Only one <image> here", ["q1.png", "q2.png"]),
+    ("<image> <image> <image>", ["q1.png", "q2.png"]),
+    ("No image but <image>", []),
+])
+def test_image_placeholder_count_mismatch_is_a_record_error(tokenizer, root, question, images):
+    rec = record(text_input=question, image_input=images)
+    with pytest.raises(R.RecordError, match="placeholders") as ei:
+        S.build_sample(rec, root, tokenizer, CFG, S.SequenceFormat(latent_size=K), where="f.jsonl:line 7")
+    assert ei.value.reason == R.IMAGE_PLACEHOLDERS and "f.jsonl:line 7" in str(ei.value)
+    with pytest.raises(R.RecordError) as ei:
+        R.validate_record(rec, root, where="f.jsonl:line 7")
+    assert ei.value.reason == R.IMAGE_PLACEHOLDERS and "f.jsonl:line 7" in str(ei.value)
+    with pytest.raises(ValueError, match="placeholders"):
+        P.user_messages(question, len(images))
+
+
+def test_image_placeholder_in_the_plan_stays_text(tokenizer, root):
+    """Only the user turn's placeholders are replaced (the reference splits at the assistant turn)."""
+    rec = record()
+    rec["sequence_plan"][0]["content"] = "see <image> here"
+    sample = S.build_sample(rec, root, tokenizer, CFG, S.SequenceFormat(latent_size=K))
+    want = reference_ids(tokenizer, rec, [tuple(g) for g in sample.image_grid_thw], S.SequenceFormat(latent_size=K))
+    assert sample.input_ids.tolist() == want
+    a = sample.assistant_start
+    assert tokenizer.decode(sample.input_ids[a:]).count("<image>") == 1
