@@ -90,9 +90,12 @@ class DataConfig:
       latent_size: K, latent pads per segment.
       answer_format: text appended after the plan (``{answer}`` = ``original_final_answer``);
         None (the reference's behaviour) = nothing, the plan alone (see segments.py).
-      min_pixels / max_pixels: image resize budget (Qwen2.5-VL's smart_resize); one image has
-        at most about max_pixels / 196 patches, so keep max_question_patches / max_helper_patches
-        in step (the defaults: 1024*28*28 pixels = 4096 patches per image).
+      min_pixels / max_pixels: image resize budget (Qwen2.5-VL's smart_resize). Defaults are
+        Qwen2.5-VL's preprocessor_config.json (3136 = 4*28*28 and 12845056 = 16384*28*28), which
+        the reference's processor loads. One image has at most about max_pixels / 196 patches
+        (65536 at the default); a record whose images exceed max_question_patches /
+        max_helper_patches is dropped ("too_many_*_patches"), not shrunk, so lower max_pixels
+        to fit large images into smaller patch budgets.
     Order
       seed: shuffle seed (epoch e uses (seed, e)).
       shuffle: False keeps file order.
@@ -119,7 +122,7 @@ class DataConfig:
     latent_size: int = 8
     answer_format: str | None = None
     min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 1024 * 28 * 28
+    max_pixels: int = 16384 * 28 * 28
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = 1

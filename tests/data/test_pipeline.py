@@ -313,3 +313,15 @@ def test_config_checks():
         PL.DataConfig.from_dict({"batch_size": 2, "max_len": 5})
     cfg = PL.DataConfig(buckets=[64, 128])
     assert PL.DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_config_defaults_follow_the_reference():
+    """The plan alone as the assistant turn, and Qwen2.5-VL's pixel budget (the checkpoint's
+    preprocessor_config.json: min_pixels 3136, max_pixels 12845056)."""
+    cfg = PL.DataConfig()
+    assert cfg.answer_format is None and cfg.sequence_format.answer_format is None
+    assert (cfg.min_pixels, cfg.max_pixels) == (3136, 12845056)
+    img = cfg.image_config()
+    assert (img.min_pixels, img.max_pixels) == (3136, 12845056)
+    assert P.smart_resize(4000, 4000, 28, cfg.min_pixels, cfg.max_pixels) == (3584, 3584)
+    assert PL.DataConfig(answer_format="\n{answer}").sequence_format.answer_format == "\n{answer}"
