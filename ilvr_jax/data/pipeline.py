@@ -21,8 +21,10 @@ Data flow::
   ``drop_remainder``): a bucket's last short batch is filled with padding samples
   (``sample_mask`` False) at the end of the epoch. Epoch ``e`` shuffles with
   ``(seed, e)``.
-* The iterator's state is the index of the next batch (JSON); restoring rebuilds the grain
-  pipeline from that index and yields exactly the batches that would have come next.
+* The iterator's state is the index of the next batch (JSON) and the pipeline's fingerprint;
+  restoring rebuilds the grain pipeline from that index and yields exactly the batches that
+  would have come next. The fingerprint leaves out absolute paths, so a moved or copied data
+  directory (or workdir) restores.
 
 Batch (numpy, per process, B = ``batch_size``, S = bucket length)::
 
@@ -54,6 +56,7 @@ import numpy as np
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data import records as rec_lib
 from ilvr_jax.data import segments as seg_lib
+from ilvr_jax.data.adapters import relative_paths
 from ilvr_jax.data.records import DropPolicy, RecordError
 
 logger = logging.getLogger(__name__)
@@ -221,6 +224,8 @@ class IndexedRecord:
     root: str | None
     size: seg_lib.SampleSize
     bucket: int
+    source: str | None = None  # file base name and line (location-independent), if read from JSONL
+    line: int | None = None
 
 
 def _fit_error(size: seg_lib.SampleSize, cfg: DataConfig, where: str) -> RecordError | None:
@@ -264,8 +269,31 @@ def index_records(
             policy.handle(e)
             continue
         bucket = bisect.bisect_left(cfg.lengths, size.seq_len)
-        out.append(IndexedRecord(rec, loc.where, loc.root, size, bucket))
+        out.append(IndexedRecord(rec, loc.where, loc.root, size, bucket, loc.source, loc.line))
     return out
+
+
+def pipeline_fingerprint(items: Sequence[IndexedRecord], cfg: DataConfig, process_index: int,
+                         process_count: int) -> str:
+    """Hash of everything that decides the batches: the config (less the throughput knobs),
+    the process layout, and per record in order its file base name and line, its content with
+    image paths relative to its root, and its measured size (token count, patch counts).
+
+    Absolute locations are left out, so a data directory that is moved or copied (JSONL and
+    images together) restores a saved iterator state; any change of content, order, image
+    sizes, config or layout gives another fingerprint.
+    """
+    h = hashlib.sha256()
+    # Throughput knobs do not change the batches, so a state restores across them.
+    order_cfg = {k: v for k, v in cfg.to_dict().items() if k not in THROUGHPUT_KEYS}
+    h.update(json.dumps(order_cfg, sort_keys=True).encode())
+    h.update(json.dumps([process_index, process_count]).encode())
+    for it in items:
+        # Absolute image paths below the root become relative to it, as relative ones already are.
+        rec = relative_paths(it.record, it.root) if it.root is not None else it.record
+        entry = [it.source, it.line, rec, dataclasses.astuple(it.size), it.bucket]
+        h.update(json.dumps(entry, sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 class BatchPlan:
@@ -515,15 +543,7 @@ class DataPipeline:
         if self.policy.counter.total:
             logger.warning("%s", self.policy.counter.summary())
         self.plan = BatchPlan([it.bucket for it in self.items], cfg, self.process_index, self.process_count)
-        h = hashlib.sha256()
-        # Throughput knobs do not change the batches, so a state restores across them.
-        order_cfg = {k: v for k, v in cfg.to_dict().items() if k not in THROUGHPUT_KEYS}
-        h.update(json.dumps(order_cfg, sort_keys=True).encode())
-        h.update(json.dumps([self.process_index, self.process_count]).encode())
-        for it in self.items:
-            h.update(it.where.encode())
-            h.update(json.dumps(it.record, sort_keys=True).encode())
-        self.fingerprint = h.hexdigest()[:16]
+        self.fingerprint = pipeline_fingerprint(self.items, cfg, self.process_index, self.process_count)
         self._builder = _BatchBuilder(self.items, self.tokenizer, cfg, self.image_cfg)
 
     @classmethod

@@ -231,11 +231,17 @@ def validate_record(
 
 @dataclasses.dataclass(frozen=True)
 class LocatedRecord:
-    """A record with where it came from (``where`` is used in every error message)."""
+    """A record with where it came from (``where`` is used in every error message).
+
+    ``source`` / ``line``: the file's base name and the line number (``read_jsonl`` sets them),
+    a name for the record that does not depend on where the data directory lies.
+    """
 
     record: Any
     where: str
     root: str | None
+    source: str | None = None
+    line: int | None = None
 
 
 def read_jsonl(
@@ -249,6 +255,7 @@ def read_jsonl(
     """
     path = os.fspath(path)
     root = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
+    source = os.path.basename(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -257,9 +264,9 @@ def read_jsonl(
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                yield LocatedRecord(RecordError(where, BAD_JSON, f"not valid JSON: {e}"), where, root)
+                yield LocatedRecord(RecordError(where, BAD_JSON, f"not valid JSON: {e}"), where, root, source, lineno)
                 continue
-            yield LocatedRecord(rec, record_location(path, lineno, rec), root)
+            yield LocatedRecord(rec, record_location(path, lineno, rec), root, source, lineno)
 
 
 def validate_located(loc: LocatedRecord, *, check_images: bool = True, verify_images: bool = False) -> dict:

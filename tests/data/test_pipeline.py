@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -186,6 +187,64 @@ def test_restore_mid_epoch(data_dir, tokenizer, tmp_path):
     other = make(data_dir, tokenizer, num_epochs=2, seed=9)
     with pytest.raises(ValueError, match="different pipeline"):
         other.iterator(state)
+
+
+def test_state_restores_from_a_moved_data_dir(data_dir, tokenizer, tmp_path):
+    """The fingerprint names records by file base name + line and image paths relative to the
+    root: a copy of the data directory elsewhere restores the state (and gives the same
+    batches); changed content, order, image sizes or process layout are refused."""
+    import shutil
+
+    pipe = make(data_dir, tokenizer)
+    it = pipe.iterator()
+    next(it), next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    rest = list(it)
+
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(data_dir, moved)
+    assert str(moved) not in str(data_dir) and str(data_dir) not in str(moved)
+    it2 = make(moved, tokenizer).iterator(state)
+    assert it2.next_batch == 2
+    assert_batches_equal(list(it2), rest)
+
+    # Absolute image paths below the root count as relative ones: a converter that writes
+    # absolute paths into each copy gives the same fingerprint in both places.
+    from ilvr_jax.data.adapters import absolute_paths
+
+    fps = []
+    for d in (tmp_path / "abs_a", tmp_path / "abs_b"):
+        shutil.copytree(data_dir, d)
+        recs = [absolute_paths(r, d) for r, _, _ in R.load_records(d / "train.jsonl")]
+        assert os.path.isabs(recs[0]["sequence_plan"][1]["helper_image"])
+        R.write_jsonl(d / "train.jsonl", recs)
+        fps.append(make(d, tokenizer).fingerprint)
+    assert fps[0] == fps[1] == pipe.fingerprint
+
+    def refused(d):
+        with pytest.raises(ValueError, match="different pipeline"):
+            make(d, tokenizer).iterator(state)
+
+    lines = (data_dir / "train.jsonl").read_text().splitlines(keepends=True)
+    changed = tmp_path / "changed"
+    shutil.copytree(data_dir, changed)
+    (changed / "train.jsonl").write_text("".join([lines[0].replace("which way?", "which way now?")] + lines[1:]))
+    refused(changed)
+    (changed / "train.jsonl").write_text("".join([lines[1], lines[0]] + lines[2:]))  # order
+    refused(changed)
+    (changed / "train.jsonl").write_text("".join(lines))
+    (changed / "train.jsonl").rename(changed / "other.jsonl")  # same lines, another file
+    with pytest.raises(ValueError, match="different pipeline"):
+        PL.DataPipeline.from_jsonl(changed / "other.jsonl", tokenizer, pipe.cfg, process_index=0,
+                                   process_count=1).iterator(state)
+    (changed / "other.jsonl").rename(changed / "train.jsonl")
+    # A helper image of another size (same path): other patch counts, other batches.
+    Image.fromarray(np.zeros((300, 28, 3), np.uint8)).save(changed / "img" / "h0_0.png")
+    assert make(changed, tokenizer).items[0].size.helper_patches != pipe.items[0].size.helper_patches
+    refused(changed)
+    with pytest.raises(ValueError, match="different pipeline"):
+        PL.DataPipeline.from_jsonl(moved / "train.jsonl", tokenizer, pipe.cfg, process_index=0,
+                                   process_count=2).iterator(state)
 
 
 def test_orbax_checkpoint_of_iterator(data_dir, tokenizer, tmp_path):
