@@ -28,6 +28,10 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
     c.model.compute_dtype = "bfloat16"
     c.model.remat_policy = "nothing_saveable"
     c.model.attn_impl = "xla"            # "xla", "cudnn" (GPU flash attention), "reference"
+    # Embedding/lm_head rows after adding the latent tokens. "exact": rows = len(tokenizer), as
+    # the reference's resize_token_embeddings (shrinks Qwen2.5's padded 152064 to 151668, so the
+    # CE softmax runs over the tokenizer's classes only); "grow_only": keep the padded table.
+    c.model.vocab_resize = "exact"
 
     c.ilvr = ml_collections.ConfigDict()
     c.ilvr.latent_size = 8               # K

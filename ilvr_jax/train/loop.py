@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from ilvr_jax import ilvr
+from ilvr_jax.checkpoint.latent_tokens import RESIZE_MODES
 from ilvr_jax.model import qwen25vl
 from ilvr_jax.model.config import ModelConfig
 from ilvr_jax.model.layers import REMAT_POLICIES
@@ -67,6 +68,8 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None) ->
          f"model.remat_policy {c.model.remat_policy!r} unknown; choose from {sorted(REMAT_POLICIES)}")
     need(c.model.attn_impl in ("xla", "cudnn", "reference"),
          f"model.attn_impl must be xla, cudnn or reference, got {c.model.attn_impl!r}")
+    need(c.model.vocab_resize in RESIZE_MODES,
+         f"model.vocab_resize must be one of {RESIZE_MODES}, got {c.model.vocab_resize!r}")
     need(int(c.ilvr.latent_size) >= 1, f"ilvr.latent_size (K) must be >= 1, got {c.ilvr.latent_size}")
     need(0.0 < float(c.ilvr.top_p) <= 1.0, f"ilvr.top_p must be in (0, 1], got {c.ilvr.top_p}")
     need(int(c.ilvr.num_candidates) >= 1, f"ilvr.num_candidates (L) must be >= 1, got {c.ilvr.num_candidates}")
@@ -180,7 +183,7 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
 
         cfg, params = load_hf_params(c.model.hf_dir)
         tok = AutoTokenizer.from_pretrained(c.model.hf_dir)
-    tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K)
+    tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K, resize=c.model.vocab_resize)
     tok.save_pretrained(tok_dir)
     if c.model.init == "hf":
         # processor/chat-template files travel with the tokenizer (export copies them).
