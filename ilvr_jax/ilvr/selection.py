@@ -172,9 +172,9 @@ def select_helper_patches(u: jax.Array, t: jax.Array, t_present: jax.Array, cand
 def validate_segments(input_ids: np.ndarray, attention_mask: np.ndarray, latent_starts: np.ndarray,
                       segment_mask: np.ndarray, helper_grid_thw: np.ndarray,
                       assistant_start: np.ndarray, K: int, ids: SpecialTokens, *,
-                      p: float = 0.9, merge_unit: int = 4) -> None:
+                      p: float = 0.9, merge_unit: int = 4, sample_mask: np.ndarray | None = None) -> None:
     """Host-side checks of a numpy batch, run before compilation. Raises ``ValueError``
-    naming the first bad sample:
+    naming the first bad sample (padding samples, ``sample_mask`` False, are not checked):
 
     - p not in (0, 1];
     - more ``<|latent_start|>`` tokens in a sample than the batch's M (segment slots);
@@ -195,7 +195,10 @@ def validate_segments(input_ids: np.ndarray, attention_mask: np.ndarray, latent_
     assistant_start = np.asarray(assistant_start)
     b, s = input_ids.shape
     m_max = segment_mask.shape[1]
+    real = np.ones((b,), bool) if sample_mask is None else np.asarray(sample_mask).astype(bool)
     for i in range(b):
+        if not real[i]:
+            continue
         ids_i = input_ids[i]
         n_start = int((ids_i == ids.latent_start).sum())
         n_seg = int(segment_mask[i].sum())

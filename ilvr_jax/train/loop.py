@@ -299,11 +299,12 @@ def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> step_li
 
 
 def _host_batch_checks(batch: dict[str, np.ndarray], scfg: step_lib.StepConfig) -> None:
-    """Bad segment layouts fail here, naming the sample, never as a wrong loss in jit."""
+    """Bad segment layouts fail here, naming the sample, never as a wrong loss in jit.
+    Padding samples (``sample_mask`` False) carry no targets and are not checked."""
     ilvr.validate_segments(batch["input_ids"], batch["attention_mask"], batch["latent_starts"],
-                           batch["segment_mask"] & batch["sample_mask"][:, None], batch["helper_grid_thw"],
-                           batch["assistant_start"], scfg.latent_size, scfg.token_ids, p=scfg.top_p,
-                           merge_unit=scfg.model.vision.merge_unit)
+                           batch["segment_mask"], batch["helper_grid_thw"], batch["assistant_start"],
+                           scfg.latent_size, scfg.token_ids, p=scfg.top_p,
+                           merge_unit=scfg.model.vision.merge_unit, sample_mask=batch["sample_mask"])
     if scfg.stage == 2:
         from ilvr_jax.ilvr import recurrence
 

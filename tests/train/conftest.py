@@ -25,7 +25,7 @@ MAX_SEGMENTS = 4
 @dataclasses.dataclass
 class TinySetup:
     model_cfg: object          # ModelConfig with the latent ids
-    params: dict               # numpy fp32 parameters (embedding rows grown for the latent tokens)
+    params: dict               # numpy fp32 parameters (vocab resized to the tokenizer with the latent tokens)
     batch: dict                # numpy contract batch of BATCH samples
     tokenizer_dir: str
 

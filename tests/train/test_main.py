@@ -136,6 +136,7 @@ def test_bad_value_fails_with_one_message_before_any_work(tmp_path):
     ({"data.adapter": "canonical", "data.train_path": "/no/such/file.jsonl"}, "data.train_path: /no/such/file.jsonl does not exist"),
     ({"data.adapter": "canonical", "data.train_path": ""}, "data.train_path is required"),
     ({"data.image_root": "/no/such/dir"}, "data.image_root: /no/such/dir is not a directory"),
+    ({"model.vocab_resize": "shrink"}, "model.vocab_resize must be one of"),
 ])
 def test_bad_values_give_one_clear_message(overrides, message):
     c = _config(**overrides)

@@ -434,6 +434,15 @@ def test_bad_batches_fail_on_the_host_naming_the_sample(tiny_setup, tt):
     with pytest.raises(ValueError, match=rf"sample {three}: helper image 2 has no merged tokens"):
         _host_batch_checks(_corrupt(nb, helper_grid_thw=thw), cfg)
 
+    # A padding sample (sample_mask False) is not checked, whatever it holds; the bad one
+    # is still named by its own index.
+    pad_mask = nb["sample_mask"].copy()
+    pad_mask[three] = False
+    _host_batch_checks(_corrupt(nb, helper_grid_thw=thw, sample_mask=pad_mask), cfg)
+    thw[two, 1] = 0
+    with pytest.raises(ValueError, match=rf"sample {two}: .*segment count mismatch"):
+        _host_batch_checks(_corrupt(nb, helper_grid_thw=thw, sample_mask=pad_mask), cfg)
+
 
 @pytest.mark.parametrize("norm", ["sample", "token"])
 def test_padding_samples_add_nothing(tiny_setup, tt, norm):
