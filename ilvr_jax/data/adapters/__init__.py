@@ -62,13 +62,8 @@ def get_adapter(name: str) -> Adapter:
     return Adapter(name, getattr(importlib.import_module(module), fn), description)
 
 
-def absolute_paths(rec: Mapping[str, Any], root: str | os.PathLike | None) -> dict[str, Any]:
-    """A copy of ``rec`` whose question and helper image paths are absolute (relative paths are
-    resolved against ``root``)."""
-
-    def fix(path: str) -> str:
-        return os.path.abspath(resolve_image_path(path, root))
-
+def map_image_paths(rec: Mapping[str, Any], fix: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of ``rec`` with ``fix`` applied to every question and helper image path."""
     out = dict(rec)
     out["image_input"] = [fix(p) for p in rec["image_input"]]
     out["sequence_plan"] = [
@@ -78,6 +73,12 @@ def absolute_paths(rec: Mapping[str, Any], root: str | os.PathLike | None) -> di
     if "helper_images" in rec:
         out["helper_images"] = [fix(p) for p in rec["helper_images"]]
     return out
+
+
+def absolute_paths(rec: Mapping[str, Any], root: str | os.PathLike | None) -> dict[str, Any]:
+    """A copy of ``rec`` whose question and helper image paths are absolute (relative paths are
+    resolved against ``root``)."""
+    return map_image_paths(rec, lambda path: os.path.abspath(resolve_image_path(path, root)))
 
 
 def relative_paths(rec: Mapping[str, Any], base_dir: str | os.PathLike) -> dict[str, Any]:
@@ -91,15 +92,7 @@ def relative_paths(rec: Mapping[str, Any], base_dir: str | os.PathLike) -> dict[
         rel = os.path.relpath(path, base)
         return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
-    out = dict(rec)
-    out["image_input"] = [fix(p) for p in rec["image_input"]]
-    out["sequence_plan"] = [
-        dict(step, helper_image=fix(step["helper_image"])) if step.get("type") == "latent" else dict(step)
-        for step in rec["sequence_plan"]
-    ]
-    if "helper_images" in rec:
-        out["helper_images"] = [fix(p) for p in rec["helper_images"]]
-    return out
+    return map_image_paths(rec, fix)
 
 
-__all__ = ["ADAPTER_NAMES", "Adapter", "absolute_paths", "get_adapter", "relative_paths"]
+__all__ = ["ADAPTER_NAMES", "Adapter", "absolute_paths", "get_adapter", "map_image_paths", "relative_paths"]
