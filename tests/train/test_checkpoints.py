@@ -4,6 +4,7 @@ checkpoint, and the path helpers used by stage 2 and export."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -13,6 +14,10 @@ import numpy as np
 import pytest
 
 from ilvr_jax.train import checkpoints as ckpt_lib
+
+_spec = importlib.util.spec_from_file_location("_tr", os.path.join(os.path.dirname(__file__), "train_runs.py"))
+_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_runs)
 
 
 def _state(seed: int):
@@ -36,16 +41,7 @@ def _save_steps(workdir, losses, *, keep, best="", start=1):
 
 
 def _corrupt(step_dir: str) -> int:
-    n = 0
-    for dirpath, _, files in os.walk(os.path.join(step_dir, "state")):
-        for f in files:
-            path = os.path.join(dirpath, f)
-            if os.sep + "d" in dirpath and os.path.getsize(path) > 64:
-                with open(path, "r+b") as fh:
-                    fh.truncate(os.path.getsize(path) // 2)
-                n += 1
-    assert n, "no array data file found"
-    return n
+    return _runs.corrupt_checkpoint_arrays(step_dir)
 
 
 class _Records(logging.Handler):

@@ -106,22 +106,11 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(reference, tmp_path,
 
 def test_corrupted_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path, cache_dir):
     wd = str(tmp_path / "corrupt")
-    # A run of its own (the data iterator state is bound to the data file's path, so a
-    # copied workdir would not resume).
     runs.run_main(wd, *runs.RUN_OVERRIDES, "--config.train.export_at_end=false", cache_dir=cache_dir)
     runs_before = runs.finished_steps(wd)
     latest = runs_before[-1]
     # Truncate every array data file of the newest checkpoint.
-    state_dir = os.path.join(wd, "checkpoints", str(latest), "state")
-    n = 0
-    for dirpath, _, files in os.walk(state_dir):
-        for f in files:
-            path = os.path.join(dirpath, f)
-            if os.sep + "d" in dirpath and os.path.getsize(path) > 64:
-                with open(path, "r+b") as fh:
-                    fh.truncate(os.path.getsize(path) // 2)
-                n += 1
-    assert n > 0, "found no array data files to corrupt"
+    runs.corrupt_checkpoint_arrays(os.path.join(wd, "checkpoints", str(latest)))
     ref = _by_step(runs.metrics(reference))
     p = runs.run_main(wd, *runs.RUN_OVERRIDES, cache_dir=cache_dir)
     out = p.stdout + p.stderr

@@ -100,3 +100,18 @@ def stage1_run(tmp_root: str, cache_dir: str) -> str:
         run_main(wd, *RUN_OVERRIDES, cache_dir=cache_dir)
         _CACHE["stage1"] = wd
     return _CACHE["stage1"]
+
+
+def corrupt_checkpoint_arrays(step_dir: str) -> int:
+    """Truncates every array data file of a checkpoint step's ``state`` item to half its
+    size (a write cut short); returns how many files were truncated (asserted > 0)."""
+    n = 0
+    for dirpath, _, files in os.walk(os.path.join(step_dir, "state")):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            if os.sep + "d" in dirpath and os.path.getsize(path) > 64:
+                with open(path, "r+b") as fh:
+                    fh.truncate(os.path.getsize(path) // 2)
+                n += 1
+    assert n, f"{step_dir}: no array data file found to corrupt"
+    return n
