@@ -14,7 +14,7 @@ Two parts:
   the next token's id on all three axes is ``(number of valid tokens so far) + rope_deltas``.
 
 * :func:`mrope_cos_sin` / :func:`apply_mrope`: the chunked rotary embedding. With
-  ``inv_freq[j] = theta^(-2j / head_dim)`` for ``j < head_dim / 2``, frequency ``j`` uses the
+  ``inv_freq[j] = theta^(-2j / head_dim)`` for ``j < head_dim / 2`` (:func:`rotary_inv_freq`), frequency ``j`` uses the
   position of axis ``a(j)``, where ``mrope_section = (s0, s1, s2)`` assigns the first ``s0``
   frequencies to the temporal axis, the next ``s1`` to height and the last ``s2`` to width.
   The angle vector is then doubled (``[f, f]``) and applied as
@@ -117,12 +117,31 @@ def _section_axis(cfg: TextConfig) -> np.ndarray:
     return axis
 
 
+def rotary_inv_freq(theta: float, dim: int) -> np.ndarray:
+    """``1 / theta^(2j / dim)`` for ``j < dim / 2`` in float32, as HF's rotary ``inv_freq``.
+
+    HF forms the exponent ``arange(0, dim, 2) / dim`` and the power in float32. A float32 power
+    from NumPy or XLA is off by one ulp in many entries (14 of 64 at dim 128, theta 1e6) and an
+    angle ``position * inv_freq`` inherits the error times the position: cos/sin drift by up to
+    8e-3 at position 128k. The power is therefore taken in float64 from the same float32
+    operands and rounded once to float32, which is the correctly rounded float32 power (what
+    torch's scalar kernel, libm's powf, returns); the reciprocal stays in float32 as in HF.
+    torch's vectorised CPU kernel (SLEEF, 1-ulp accurate) rounds the odd near-tie the other
+    way (1 entry of 64 at dim 128, theta 1e6, about 4e-6 of cos/sin at position 128k), and
+    which entries it handles depends on the host's SIMD width, so no fixed formula matches
+    it on every machine.
+    """
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    power = np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
+    return np.float32(1.0) / power
+
+
 def mrope_cos_sin(position_ids: jax.Array, cfg: TextConfig) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, S, head_dim] (fp32) of the chunked M-RoPE for position_ids [3, B, S]."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    inv_freq = rotary_inv_freq(cfg.rope_theta, cfg.head_dim)
     axis = _section_axis(cfg)
-    # pos_per_freq[b, s, j] = position_ids[axis[j], b, s]
+    # pos_per_freq[b, s, j] = position_ids[axis[j], b, s]; the angle is one float32 product
+    # (position * inv_freq), as in HF, before cos and sin.
     pos = jnp.asarray(position_ids).astype(jnp.float32)[axis]  # [hd/2, B, S]
     angles = jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq, jnp.float32)  # [B, S, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)

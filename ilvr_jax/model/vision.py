@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ilvr_jax import sharding
-from ilvr_jax.model import layers
+from ilvr_jax.model import layers, rope
 from ilvr_jax.model.config import VisionConfig
 from ilvr_jax.model.layers import apply_rotary
 
@@ -131,9 +131,9 @@ def patch_layout(cfg: VisionConfig, grid_thw: jax.Array, num_patches: int) -> di
 
 # ----------------------------------------------------------------------------- rotary
 def rotary_inv_freq(cfg: VisionConfig) -> jax.Array:
-    """``1 / theta^(2i / (head_dim/2))`` for i < head_dim/4: one set shared by rows and columns."""
-    spatial_dim = cfg.head_dim // 2
-    return 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial_dim, 2, dtype=jnp.float32) / spatial_dim))
+    """``1 / theta^(2i / (head_dim/2))`` for i < head_dim/4: one set shared by rows and columns
+    (HF's axial ``inv_freq``, rounded as :func:`ilvr_jax.model.rope.rotary_inv_freq` explains)."""
+    return jnp.asarray(rope.rotary_inv_freq(cfg.rope_theta, cfg.head_dim // 2))
 
 
 def rotary_tables(cfg: VisionConfig, row: jax.Array, col: jax.Array) -> tuple[jax.Array, jax.Array]:

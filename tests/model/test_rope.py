@@ -99,3 +99,119 @@ def test_sections_select_axes():
     angles = np.array([3, 5, 5, 7]) / (100.0 ** (np.arange(0, 8, 2) / 8))
     np.testing.assert_allclose(np.asarray(cos)[0, 0], np.cos(np.concatenate([angles, angles])), atol=1e-6)
     np.testing.assert_allclose(np.asarray(sin)[0, 0], np.sin(np.concatenate([angles, angles])), atol=1e-6)
+
+
+# (head_dim, theta) pairs of real models: Qwen2.5-VL's text (128, 1e6) and vision rotary
+# (80 / 2 = 40, 1e4), Llama-style 1e4 / 5e5 heads of 64, 80, 128.
+INV_FREQ_CASES = [(dim, theta) for dim in (40, 64, 80, 96, 128, 256) for theta in (1e4, 5e5, 1e6)]
+
+
+def _torch_inv_freq_per_entry(theta, dim):
+    """HF's formula with torch's scalar power kernel (each entry a one-element tensor)."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
+    return np.concatenate([(1.0 / (theta ** exponent[i:i + 1])).numpy() for i in range(exponent.shape[0])])
+
+
+def _hf_text_inv_freq(theta, dim):
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+    cfg = Qwen2_5_VLTextConfig(hidden_size=dim, num_attention_heads=1, num_key_value_heads=1,
+                               rope_parameters={"rope_type": "default", "rope_theta": theta,
+                                                "mrope_section": [dim // 2, 0, 0]})
+    return Qwen2_5_VLRotaryEmbedding(cfg).inv_freq.numpy()
+
+
+@pytest.mark.parametrize("dim,theta", INV_FREQ_CASES)
+def test_inv_freq_bit_identical_to_torch_power(dim, theta):
+    got = rope.rotary_inv_freq(theta, dim)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), _torch_inv_freq_per_entry(theta, dim).view(np.uint32))
+    # HF's buffer (torch's vectorised kernel) may round an odd near-tie the other way.
+    hf = _hf_text_inv_freq(theta, dim)
+    ulps = np.abs(got.view(np.int32).astype(np.int64) - hf.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1 and np.count_nonzero(ulps) <= 2, (np.nonzero(ulps)[0], ulps.max())
+
+
+def _large_positions(s, seed=0):
+    """[3, 1, s] positions up to 128000 with different t/h/w ids (image-like spreads)."""
+    rng = np.random.RandomState(seed)
+    base = np.sort(rng.randint(0, 128000 - 64, size=s))
+    base[-1] = 128000 - 64
+    pos = np.stack([base, base + rng.randint(0, 64, s), base + rng.randint(0, 64, s)])
+    return pos[:, None, :].astype(np.int32)
+
+
+def test_cos_sin_and_rotation_match_hf_at_large_positions():
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding, apply_rotary_pos_emb
+
+    from ilvr_jax.model.config import TextConfig
+
+    tcfg = TextConfig(hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
+                      mrope_section=(16, 24, 24), rope_theta=1e6)
+    assert tcfg.head_dim == 128
+    hf_cfg = Qwen2_5_VLTextConfig(hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                   "mrope_section": [16, 24, 24]})
+    emb = Qwen2_5_VLRotaryEmbedding(hf_cfg)
+    pos = _large_positions(512)
+    pos[:, 0, -1] = 128000
+    want_cos, want_sin = emb(torch.zeros(1, dtype=torch.float32), torch.from_numpy(pos.astype(np.int64)))
+    cos, sin = rope.mrope_cos_sin(pos, tcfg)
+    # Columns whose inv_freq is bit-equal to HF's agree to float32 cos/sin rounding; a column
+    # where HF's vectorised power rounded a near-tie the other way is one angle ulp off.
+    inv = np.tile(rope.rotary_inv_freq(1e6, 128), 2)
+    same = inv.view(np.uint32) == np.tile(emb.inv_freq.numpy(), 2).view(np.uint32)
+    assert np.count_nonzero(~same) <= 2
+    for got, want in ((cos, want_cos), (sin, want_sin)):
+        got, want = np.asarray(got), want.numpy()
+        np.testing.assert_allclose(got[..., same], want[..., same], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=0, atol=8e-6)
+
+    rng = np.random.RandomState(1)
+    q = rng.randn(1, pos.shape[-1], 2, 128).astype(np.float32)
+    k = rng.randn(1, pos.shape[-1], 1, 128).astype(np.float32)
+    want_q, want_k = apply_rotary_pos_emb(torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2),
+                                          want_cos, want_sin)
+    got_q, got_k = rope.apply_mrope(jnp.asarray(q), jnp.asarray(k), pos, tcfg)
+    np.testing.assert_allclose(np.asarray(got_q), want_q.transpose(1, 2).numpy(), rtol=0, atol=4e-5)
+    np.testing.assert_allclose(np.asarray(got_k), want_k.transpose(1, 2).numpy(), rtol=0, atol=4e-5)
+
+
+def test_decoder_logits_match_hf_at_position_120000(tiny_dir, tmp_path):
+    """A one-layer decoder with the real rotary (head_dim 128, theta 1e6, [16, 24, 24]) fed
+    explicit position ids past 120000: hidden states and logits as HF's."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ilvr_jax.checkpoint.hf import load_hf_params
+    from ilvr_jax.model import qwen25vl, text
+
+    spec = Qwen2_5_VLConfig.from_pretrained(tiny_dir).to_dict()
+    spec["text_config"].pop("layer_types", None)
+    spec["text_config"].update(hidden_size=256, intermediate_size=128, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                "mrope_section": [16, 24, 24]})
+    spec["vision_config"]["out_hidden_size"] = 256
+    hf_cfg = Qwen2_5_VLConfig(**{k: v for k, v in spec.items() if k != "model_type"})
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg, params = load_hf_params(str(tmp_path))
+    assert (cfg.text.head_dim, cfg.text.rope_theta, tuple(cfg.text.mrope_section)) == (128, 1e6, (16, 24, 24))
+
+    s = 48
+    pos = np.broadcast_to(120000 + np.arange(s, dtype=np.int32), (3, 1, s)).copy()
+    pos[1:, 0, 8:24] += np.arange(16, dtype=np.int32) % 4  # an image-like block: h/w ids differ
+    embeds = np.random.RandomState(0).randn(1, s, 256).astype(np.float32)
+    mask = np.ones((1, s), np.int64)
+    with torch.no_grad():
+        want_h = model.model.language_model(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask),
+                                            position_ids=torch.from_numpy(pos.astype(np.int64))).last_hidden_state
+        want_logits = model.lm_head(want_h).numpy()
+    got_h, _ = jax.jit(text.decoder_forward, static_argnums=1)(params["text"], cfg.text, embeds, pos, mask)
+    got_logits = np.asarray(qwen25vl.lm_logits(params, cfg, got_h))
+    scale = float(np.max(np.abs(want_logits)))
+    np.testing.assert_allclose(np.asarray(got_h), want_h.numpy(), rtol=0, atol=2e-5 * float(want_h.abs().max()))
+    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=2e-5 * scale)

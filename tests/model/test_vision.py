@@ -156,6 +156,30 @@ def hf_position_embeddings(visual, cfg, grid):
 GRIDS_MIXED = [[1, 8, 12], [1, 4, 6], [1, 10, 14], [2, 4, 4], [1, 6, 2]]
 
 
+@pytest.mark.parametrize("head_dim,theta", [(80, 10000.0), (64, 10000.0), (128, 10000.0), (96, 1e6)])
+def test_rotary_inv_freq_bit_identical_to_hf(head_dim, theta):
+    """The axial inv_freq of Qwen2.5-VL's vision rotary (theta 1e4 on head_dim / 2: 20
+    entries at the real head_dim 80), bit for bit, for HF's buffer and torch's scalar power."""
+    from transformers import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
+
+    from ilvr_jax.model.config import VisionConfig
+
+    hf_cfg = Qwen2_5_VLVisionConfig(hidden_size=head_dim * 2, num_heads=2)
+    hf_cfg.rope_parameters = {"rope_type": "axial", "rope_theta": theta}
+    hf = Qwen2_5_VLVisionRotaryEmbedding(hf_cfg).inv_freq.numpy()
+    cfg = VisionConfig(hidden_size=head_dim * 2, num_heads=2, rope_theta=theta)
+    assert cfg.head_dim == head_dim
+    got = np.asarray(vision.rotary_inv_freq(cfg))
+    spatial = head_dim // 2
+    exponent = torch.arange(0, spatial, 2, dtype=torch.float) / spatial
+    per_entry = np.concatenate([(1.0 / (theta ** exponent[i:i + 1])).numpy() for i in range(exponent.shape[0])])
+    assert got.dtype == np.float32 and got.shape == hf.shape
+    np.testing.assert_array_equal(got.view(np.uint32), per_entry.view(np.uint32))
+    if head_dim == 80:  # the real tower: torch's vectorised power agrees here too (any SIMD width)
+        np.testing.assert_array_equal(got.view(np.uint32), hf.view(np.uint32))
+
+
 @pytest.mark.parametrize("shape", ["untied_gqa2", "tied_mqa"])
 def test_rotary_tables_match_hf(tiny_dirs, shape):
     cfg, visual, _, _ = load(tiny_dirs, shape)
