@@ -266,7 +266,8 @@ def train_step(state: TrainState, batch: Batch, cfg: StepConfig,
             else:
                 ce_term = jnp.sum(ce_sum) / n_tokens
             sim_term = jnp.sum(real * sim) / n_samples
-            loss = cfg.ce_weight * ce_term + (cfg.sim_weight * sim_term if cfg.stage == 1 else 0.0)
+            # Stage 2 is CE alone, unscaled (the weights are stage 1's loss mix).
+            loss = cfg.ce_weight * ce_term + cfg.sim_weight * sim_term if cfg.stage == 1 else ce_term
             aux = dict(loss=loss, ce_sum=ce_term, ce_tokens=jnp.sum(ce_cnt).astype(jnp.float32),
                        sim_sum=sim_term, pairs=jnp.sum(pairs).astype(jnp.float32))
             return loss, aux

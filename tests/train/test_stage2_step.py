@@ -82,3 +82,15 @@ def test_stage2_batch_equals_samples_alone(tiny_setup, tt):
     _, m_batch = _run(setup, tt, tt.sub_batch(setup.batch, rows))
     singles = [float(_run(setup, tt, tt.sub_batch(setup.batch, [r]))[1]["loss"]) for r in rows]
     assert abs(float(m_batch["loss"]) - np.mean(singles)) <= 1e-5 * abs(np.mean(singles))
+
+
+def test_stage2_loss_ignores_ce_weight(tiny_setup, tt):
+    """Stage 2 trains on CE alone: ce_weight (stage 1's loss mix) scales neither the loss,
+    the gradient nor the update; the logged loss is the logged CE."""
+    setup = tiny_setup
+    batch = tt.sub_batch(setup.batch, [0, 1])
+    p_one, m_one = _run(setup, tt, batch, ce_weight=1.0)
+    p_tenth, m_tenth = _run(setup, tt, batch, ce_weight=0.1, sim_weight=0.5)
+    assert float(m_tenth["loss"]) == float(m_one["loss"]) == float(m_tenth["ce"])
+    assert float(m_tenth["grad_norm"]) == float(m_one["grad_norm"]) > 0.0
+    assert tt.max_abs_diff(p_one, p_tenth) == 0.0
