@@ -221,6 +221,7 @@ def test_maze_adapter_reads_generated_data(tmp_path):
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 DOMAIN = "Visual Logic & Strategic Games"
+JIGSAW, SEARCH = "2D Visual Reasoning - Visual Jigsaw", "2D Visual Reasoning - Visual Search"
 COLORS = {name: (17 * i % 256, 53 * i % 256, 97 * i % 256) for i, name in enumerate(
     ["p1", "p2", "r1", "r2", "r3", "q1", "t1", "x"], start=1)}
 
@@ -264,7 +265,8 @@ def zebra_root(tmp_path):
     rows = _zebra_rows()
     _write_shard(str(root / DOMAIN / "train-00000-of-00002.parquet"), rows[:3])
     _write_shard(str(root / DOMAIN / "train-00001-of-00002.parquet"), [rows[2], rows[0]])
-    _write_shard(str(root / "Visual Jigsaw" / "train-00000-of-00001.parquet"), [rows[1]])
+    _write_shard(str(root / JIGSAW / "train-00000-of-00001.parquet"), [rows[1]])
+    _write_shard(str(root / SEARCH / "train-00000-of-00001.parquet"), [rows[2]])
     return root
 
 
@@ -277,13 +279,13 @@ def test_zebra_converts_rows(zebra_root, tmp_path):
     recs = list(get_adapter("zebra").iter_records(str(zebra_root), out_dir=str(out_dir)))
     shard0 = f"{DOMAIN}/train-00000-of-00002"
     # Domains, shards and rows in sorted order.
-    assert [r["id"] for r in recs] == ["Visual Jigsaw/train-00000-of-00001/0",
+    assert [r["id"] for r in recs] == [f"{JIGSAW}/train-00000-of-00001/0", f"{SEARCH}/train-00000-of-00001/0",
                                        f"{shard0}/0", f"{shard0}/1", f"{shard0}/2",
                                        f"{DOMAIN}/train-00001-of-00002/0", f"{DOMAIN}/train-00001-of-00002/1"]
     assert {r["task"] for r in recs} == {"zebra"}
-    assert [r["domain"] for r in recs] == ["Visual Jigsaw"] + [DOMAIN] * 5
+    assert [r["domain"] for r in recs] == [JIGSAW, SEARCH] + [DOMAIN] * 5
 
-    r0, r1, r2 = recs[1:4]
+    r0, r1, r2 = recs[2:5]
     assert r0["text_input"] == "Look at and . Which piece?"
     assert r0["original_final_answer"] == "B"
     # Question images in order of appearance (problem_image_2 first), bytes copied as PNG.
@@ -327,7 +329,7 @@ def test_zebra_is_deterministic_and_filters_domains(zebra_root, tmp_path):
                 assert fa.read() == fb.read()
 
     only = list(ad.iter_records(str(zebra_root), out_dir=str(tmp_path / "c"), domains=["visual jigsaw"]))
-    assert [r["domain"] for r in only] == ["Visual Jigsaw"]
+    assert [r["domain"] for r in only] == [JIGSAW]
     held_out = list(ad.iter_records(str(zebra_root), out_dir=str(tmp_path / "c"),
                                     exclude_domains=zebra.HELD_OUT_DOMAINS))
     assert {r["domain"] for r in held_out} == {DOMAIN} and len(held_out) == 5
@@ -338,6 +340,36 @@ def test_zebra_is_deterministic_and_filters_domains(zebra_root, tmp_path):
     assert [r["id"].split("/")[-1] for r in one_shard] == ["0", "1"]
     with pytest.raises(ValueError, match="unknown selected domain 'Chess'.*Visual Jigsaw"):
         list(ad.iter_records(str(zebra_root), out_dir=str(tmp_path / "c"), domains=["Chess"]))
+
+
+def test_zebra_held_out_domains_are_the_download_folders(tmp_path):
+    """HELD_OUT_DOMAINS names the real folders, so excluding them drops exactly those; names
+    match exactly (any case) or by an unambiguous suffix that starts a word; an unknown or
+    ambiguous name, in either list, is one error line naming the domains."""
+    rows = _zebra_rows()
+    root = tmp_path / "Zebra-CoT"
+    decoy = "3D Visual Reasoning - Visual Search"
+    folders = [JIGSAW, SEARCH, DOMAIN, decoy, "Visual Search"]
+    for i, folder in enumerate(folders):
+        _write_shard(str(root / folder / "train-00000-of-00001.parquet"), [rows[i % 3]])
+    ad = get_adapter("zebra")
+
+    def domains(**kw):
+        return sorted(r["domain"] for r in ad.iter_records(str(root), out_dir=str(tmp_path / "o"), **kw))
+
+    assert set(zebra.HELD_OUT_DOMAINS) == {JIGSAW, SEARCH}
+    assert domains(exclude_domains=zebra.HELD_OUT_DOMAINS) == sorted(set(folders) - {JIGSAW, SEARCH})
+    assert domains(domains=["visual jigsaw"]) == [JIGSAW]  # unambiguous suffix
+    assert domains(domains=["Jigsaw", DOMAIN.upper()]) == sorted([JIGSAW, DOMAIN])
+    assert domains(domains=["VISUAL SEARCH"]) == ["Visual Search"]  # an exact name wins over suffixes
+    assert domains(exclude_domains=["visual search"]) == sorted(set(folders) - {"Visual Search"})
+    with pytest.raises(ValueError, match=r"^unknown excluded domain 'Visual Jigsaws'; available: 2D Visual"):
+        domains(exclude_domains=["Visual Jigsaws"])
+    with pytest.raises(ValueError, match="^unknown selected domain 'igsaw'; available: .*Visual Logic"):
+        domains(domains=["igsaw"])  # a suffix must start a word
+    os.rename(root / "Visual Search", tmp_path / "moved")
+    with pytest.raises(ValueError, match=f"^ambiguous excluded domain 'Visual Search': matches {SEARCH}, {decoy}$"):
+        domains(exclude_domains=["Visual Search"])
 
 
 def test_zebra_sample_is_deterministic_subset(zebra_root, tmp_path):

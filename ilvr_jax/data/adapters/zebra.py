@@ -56,7 +56,8 @@ from ilvr_jax.data.records import (
 
 BAD_PLACEHOLDER = "bad_placeholder"
 QUESTION, TRACE, ANSWER = "Question", "Text Reasoning Trace", "Final Answer"
-HELD_OUT_DOMAINS = ("Visual Jigsaw", "Visual Search")  # the paper's out-of-distribution tests
+# The paper's out-of-distribution tests, as the folders of the download are named.
+HELD_OUT_DOMAINS = ("2D Visual Reasoning - Visual Jigsaw", "2D Visual Reasoning - Visual Search")
 
 _PLACEHOLDER = re.compile(r"<image_start>(.*?)<image_end>", re.DOTALL)
 _PLACEHOLDER_NAME = re.compile(r"^\[?\s*(problem|reasoning)_image_(\d+)\s*\]?$")
@@ -90,21 +91,29 @@ def discover_shards(source: str | os.PathLike) -> list[tuple[str, str]]:
     return pairs
 
 
+def resolve_domain(name: str, available: Sequence[str], what: str) -> str:
+    """The domain folder ``name`` means: the folder of that name (case-insensitive), else
+    the one folder whose name ends with it at a word boundary (``"Visual Jigsaw"`` for
+    ``"2D Visual Reasoning - Visual Jigsaw"``). No match, or several, is a ``ValueError``:
+    a name that matches nothing would otherwise select or exclude nothing, silently."""
+    key = name.strip().lower()
+    exact = [d for d in available if d.lower() == key]
+    if exact:
+        return exact[0]
+    suffix = [d for d in available if key and len(d) > len(key) and d.lower().endswith(key)
+              and not d[-len(key) - 1].isalnum()]
+    if len(suffix) == 1:
+        return suffix[0]
+    if suffix:
+        raise ValueError(f"ambiguous {what} domain {name!r}: matches {', '.join(suffix)}")
+    raise ValueError(f"unknown {what} domain {name!r}; available: {', '.join(available)}")
+
+
 def _select_domains(pairs, domains: Iterable[str] | None, exclude_domains: Iterable[str] | None):
     available = sorted({d for d, _ in pairs})
-    by_lower = {d.lower(): d for d in available}
-
-    def resolve(names: Iterable[str], what: str) -> set[str]:
-        out = set()
-        for name in names:
-            if name.lower() not in by_lower:
-                raise ValueError(f"unknown {what} domain {name!r}; available: {', '.join(available)}")
-            out.add(by_lower[name.lower()])
-        return out
-
-    keep = resolve(domains, "selected") if domains else set(available)
+    keep = {resolve_domain(n, available, "selected") for n in domains} if domains else set(available)
     if exclude_domains:
-        keep -= {by_lower[n.lower()] for n in exclude_domains if n.lower() in by_lower}
+        keep -= {resolve_domain(n, available, "excluded") for n in exclude_domains}
     return [(d, p) for d, p in pairs if d in keep]
 
 
@@ -243,8 +252,9 @@ def iter_records(
 ) -> Iterator[dict]:
     """Yields canonical records from Zebra-CoT shards, writing images under ``out_dir``.
 
-    ``domains`` keeps only those domains (case-insensitive names; unknown names raise),
-    ``exclude_domains`` drops some (e.g. ``HELD_OUT_DOMAINS``); ``max_records`` takes a
+    ``domains`` keeps only those domains, ``exclude_domains`` drops some (e.g.
+    ``HELD_OUT_DOMAINS``); names are folder names or unambiguous suffixes of them, see
+    :func:`resolve_domain` (unknown names raise, in both lists); ``max_records`` takes a
     deterministic sample of that many rows (seeded by ``seed``) over the selected shards.
     """
     import pyarrow.parquet as pq
