@@ -40,6 +40,9 @@ IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 
+# HF's Qwen2VLImageProcessor class default, used when a config gives no size at all.
+HF_DEFAULT_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageProcessorConfig:
@@ -67,24 +70,32 @@ class ImageProcessorConfig:
     def from_hf(cls, dir_or_dict: str | os.PathLike | dict[str, Any]) -> "ImageProcessorConfig":
         """Reads ``preprocessor_config.json`` (a directory, a file path or the parsed dict).
 
-        ``size.shortest_edge`` / ``size.longest_edge`` (transformers 5) take precedence over the
-        legacy top-level ``min_pixels`` / ``max_pixels``, as in HF's processor.
+        The pixel budget follows HF's ``Qwen2VLImageProcessor.__init__``: start from ``size``
+        (``shortest_edge`` / ``longest_edge``; HF's class default ``56*56`` / ``28*28*1280``
+        when ``size`` is absent or null), then a non-null top-level ``min_pixels`` replaces
+        ``shortest_edge`` and a non-null ``max_pixels`` replaces ``longest_edge``. A budget that
+        ends up without either bound is a ``ValueError`` (HF fails on it when resizing).
         """
         if isinstance(dir_or_dict, dict):
-            d = dir_or_dict
+            d, where = dir_or_dict, "image processor config"
         else:
-            p = os.fspath(dir_or_dict)
-            if os.path.isdir(p):
-                p = os.path.join(p, "preprocessor_config.json")
-            with open(p, encoding="utf-8") as f:
+            where = os.fspath(dir_or_dict)
+            if os.path.isdir(where):
+                where = os.path.join(where, "preprocessor_config.json")
+            with open(where, encoding="utf-8") as f:
                 d = json.load(f)
-        size = d.get("size") or {}
+        size = dict(HF_DEFAULT_SIZE) if d.get("size") is None else dict(d["size"])
+        if d.get("min_pixels") is not None:
+            size["shortest_edge"] = d["min_pixels"]
+        if d.get("max_pixels") is not None:
+            size["longest_edge"] = d["max_pixels"]
+        if not size.get("shortest_edge") or not size.get("longest_edge"):
+            raise ValueError(f"{where}: no pixel budget: size needs shortest_edge and longest_edge (or top-level "
+                             f"min_pixels / max_pixels), got size={d.get('size')!r}")
         defaults = cls()
-        min_pixels = size.get("shortest_edge", d.get("min_pixels", defaults.min_pixels))
-        max_pixels = size.get("longest_edge", d.get("max_pixels", defaults.max_pixels))
         return cls(
-            min_pixels=int(min_pixels),
-            max_pixels=int(max_pixels),
+            min_pixels=int(size["shortest_edge"]),
+            max_pixels=int(size["longest_edge"]),
             patch_size=int(d.get("patch_size", defaults.patch_size)),
             merge_size=int(d.get("merge_size", defaults.merge_size)),
             temporal_patch_size=int(d.get("temporal_patch_size", defaults.temporal_patch_size)),

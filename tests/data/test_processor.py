@@ -120,6 +120,68 @@ def test_config_from_hf(tmp_path):
     assert P.ImageProcessorConfig.from_hf(legacy).max_pixels == 200 * 28 * 28
 
 
+# preprocessor_config.json pixel budgets: top-level keys and size set to different values,
+# one of each, neither, and nulls. Budgets: 8 / 64 (top level) vs 4 / 256 (size), x 28*28.
+_TOP = {"min_pixels": 8 * 28 * 28, "max_pixels": 64 * 28 * 28}
+_SIZE = {"shortest_edge": 4 * 28 * 28, "longest_edge": 256 * 28 * 28}
+PIXEL_BUDGETS = {
+    "both": dict(_TOP, size=_SIZE),
+    "top_level_only": dict(_TOP),
+    "size_only": dict(size=_SIZE),
+    "neither": {},
+    "max_over_size": dict(max_pixels=64 * 28 * 28, size=_SIZE),
+    "min_over_size": dict(min_pixels=8 * 28 * 28, size=_SIZE),
+    "null_size": dict(size=None, max_pixels=100 * 28 * 28),
+    "null_top_level": dict(min_pixels=None, max_pixels=None, size=_SIZE),
+}
+
+
+def _write_processor_json(folder, extra):
+    import json
+
+    folder.mkdir()
+    d = {k: v for k, v in image_processor_config().items() if k not in ("min_pixels", "max_pixels", "size")}
+    (folder / "preprocessor_config.json").write_text(json.dumps({**d, **extra}))
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(PIXEL_BUDGETS))
+def test_config_from_hf_pixel_budget_matches_hf_loader(tmp_path, name):
+    """Top-level min_pixels / max_pixels override size, as transformers' loader does: the
+    budget, the grids and the pixels of a small and a large image equal HF's."""
+    import warnings
+
+    from transformers import AutoImageProcessor, Qwen2VLImageProcessorPil
+
+    folder = _write_processor_json(tmp_path / name, PIXEL_BUDGETS[name])
+    cfg = P.ImageProcessorConfig.from_hf(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for hf in (AutoImageProcessor.from_pretrained(str(folder)), Qwen2VLImageProcessorPil.from_pretrained(str(folder))):
+            assert (cfg.min_pixels, cfg.max_pixels) == (hf.size["shortest_edge"], hf.size["longest_edge"])
+            imgs = [random_image(10, 12), random_image(640, 480)]
+            ref = hf(images=imgs, return_tensors="np")
+            pv, grids = P.preprocess_images(imgs, cfg)
+            np.testing.assert_array_equal(grids, ref["image_grid_thw"])
+            np.testing.assert_allclose(pv, ref["pixel_values"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [{"longest_edge": 256 * 28 * 28}, {"min_pixels": 6272, "max_pixels": 50176}])
+def test_config_from_hf_without_a_budget_is_an_error(tmp_path, size):
+    """A size with one bound (or legacy keys) and no top-level keys: HF fails when resizing;
+    we fail when reading, naming the file."""
+    import warnings
+
+    from transformers import Qwen2VLImageProcessorPil
+
+    folder = _write_processor_json(tmp_path / "p", {"size": size})
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: no pixel budget: size needs shortest_edge"):
+        P.ImageProcessorConfig.from_hf(folder)
+    with warnings.catch_warnings(), pytest.raises(ValueError):
+        warnings.simplefilter("ignore")
+        Qwen2VLImageProcessorPil.from_pretrained(str(folder))(images=[random_image(10, 12)], return_tensors="np")
+
+
 @pytest.mark.parametrize("sizes", [[], [(37, 301)], [(56, 84), (10, 12)], [(640, 480), (112, 112), (42, 70)]])
 def test_prompt_ids_match_hf_processor(tokenizer, sizes):
     imgs = [random_image(h, w) for h, w in sizes]
