@@ -3,7 +3,8 @@
 Bit-for-bit the computation of HF's ``Qwen2VLImageProcessorPil`` (the slow processor) and
 the prompt expansion of ``Qwen2_5_VLProcessor``:
 
-1. RGB conversion; transparency is composited onto white.
+1. RGB conversion; transparency is composited onto white. A file is first turned upright
+   by its EXIF orientation, as HF's ``load_image`` does (``image_size`` reports that size).
 2. ``smart_resize``: both sides multiples of ``factor = patch_size * merge_size`` (28), the
    pixel count within ``[min_pixels, max_pixels]``, aspect ratio kept as closely as possible;
    resized with PIL's bicubic filter on the uint8 image.
@@ -145,13 +146,56 @@ def num_image_tokens(grid_thw: Sequence[int], merge_size: int = 2) -> int:
     return num_patches(grid_thw) // (merge_size * merge_size)
 
 
+# EXIF orientations (tag 0x0112) whose transform transposes the image (sides swap).
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
 def image_size(path: str) -> tuple[int, int]:
-    """(height, width) of an image file, from its header."""
+    """(height, width) of an image file as :func:`load_image` returns it (after its EXIF
+    orientation), from the header: no pixels are decoded."""
     from PIL import Image
 
     with Image.open(path) as im:
         w, h = im.size
-    return h, w
+        orientation = _header_orientation(im)
+    return (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
+
+
+def _header_orientation(im) -> int:
+    """The EXIF orientation ``PIL.ImageOps.exif_transpose`` will apply, without decoding.
+
+    The base ``Image.getexif`` reads what the header holds (EXIF, XMP, a TIFF's tags); PNG's
+    override decodes the image first, to reach an ``eXIf`` chunk written after the image
+    data, so for a PNG without header EXIF the chunk list is scanned instead.
+    """
+    from PIL import Image
+
+    exif = Image.Image.getexif(im)
+    if _EXIF_ORIENTATION not in exif and im.format == "PNG" and "exif" not in im.info:
+        data = _png_trailing_exif(im.fp)
+        if data is not None:
+            exif = Image.Exif()
+            exif.load(b"Exif\x00\x00" + data)
+    try:
+        return int(exif.get(_EXIF_ORIENTATION, 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _png_trailing_exif(fp) -> bytes | None:
+    """The payload of a PNG's ``eXIf`` chunk, found by seeking over chunks (not decoding)."""
+    fp.seek(8)  # the signature
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            return None
+        length, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind == b"eXIf":
+            return fp.read(length)
+        if kind == b"IEND":
+            return None
+        fp.seek(length + 4, os.SEEK_CUR)  # data and CRC
 
 
 def to_rgb(image) -> "Any":
@@ -169,12 +213,13 @@ def to_rgb(image) -> "Any":
 
 
 def load_image(path: str):
-    """Opens an image file and converts it to RGB (fully decoded, file closed)."""
-    from PIL import Image
+    """Opens an image file, applies its EXIF orientation (as HF's ``load_image``) and converts
+    it to RGB (fully decoded, file closed)."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         im.load()
-        return to_rgb(im)
+        return to_rgb(ImageOps.exif_transpose(im))
 
 
 def patchify(image_chw: np.ndarray, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:

@@ -243,3 +243,63 @@ def test_expand_image_pads_counts():
         P.expand_image_pads([1, 9, 2], 9, [2, 3])
     with pytest.raises(ValueError):
         P.expand_image_pads([9, 9], 9, [2])
+
+
+def _smooth_image(h, w):
+    """A non-square image whose rows and columns all differ (any flip or turn changes it)."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(y * 255) // h, (x * 255) // w, ((x + 2 * y) * 7) % 256], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def _png_with_trailing_exif(path, image, orientation):
+    """A PNG whose eXIf chunk comes after the image data (PIL writes it before)."""
+    import io
+    import zlib
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif\x00\x00") else exif.tobytes()
+    chunk = len(payload).to_bytes(4, "big") + b"eXIf" + payload + zlib.crc32(b"eXIf" + payload).to_bytes(4, "big")
+    iend = data.rindex(b"IEND") - 4
+    path.write_bytes(data[:iend] + chunk + data[iend:])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "PNG-trailing"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_as_hf_load_image(tmp_path, monkeypatch, fmt, orientation):
+    """load_image turns the file upright as transformers' load_image does (same pixels, same
+    processor output) and image_size gives the upright size from the header alone."""
+    from PIL import ImageFile
+    from transformers.image_utils import load_image as hf_load_image
+
+    raw = _smooth_image(40, 90)
+    path = tmp_path / ("img.jpg" if fmt == "JPEG" else "img.png")
+    if fmt == "PNG-trailing":
+        _png_with_trailing_exif(path, raw, orientation)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        raw.save(path, format=fmt, exif=exif)
+    with Image.open(path) as im:
+        assert im.size == (90, 40)
+        assert Image.Image.getexif(im).get(0x0112) == (None if fmt == "PNG-trailing" else orientation)
+
+    ours, ref = P.load_image(str(path)), hf_load_image(str(path))
+    assert ours.mode == "RGB" and ours.size == ref.size
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    assert ref.size == ((40, 90) if orientation >= 5 else (90, 40))  # the tag was honoured
+    pv, grid = P.preprocess_image(ours, CFG)
+    out = hf_image_processor()(images=[ref], return_tensors="np")
+    assert grid == tuple(int(x) for x in out["image_grid_thw"][0])
+    np.testing.assert_allclose(pv, out["pixel_values"], rtol=0, atol=1e-6)
+
+    def no_decoding(self, *a, **k):
+        raise AssertionError("image_size decoded the pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert P.image_size(str(path)) == (ours.size[1], ours.size[0])
+    assert P.image_grid_thw(*P.image_size(str(path)), CFG) == grid
