@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from ilvr_jax.data import processor as proc
-from ilvr_jax.data.records import record_location
+from ilvr_jax.data.records import LocatedRecord, RecordError, read_jsonl, record_location
 from ilvr_jax.generate.prompts import Prompt, latent_token_ids, record_prompt
 from ilvr_jax.generate.sampler import DecodeConfig, DecodeOutput, generate_batch, pad_prompts
 from ilvr_jax.generate.sampling import SamplingParams
@@ -97,15 +97,32 @@ def generate_prompts(params, cfg: ModelConfig, prompts: Sequence[Prompt], tokeni
     return results
 
 
-def generate_records(params, cfg: ModelConfig, records: Sequence[dict[str, Any]], tokenizer,
+def generate_records(params, cfg: ModelConfig, records: Sequence[dict[str, Any] | LocatedRecord], tokenizer,
                      image_cfg: proc.ImageProcessorConfig, *, root: str | os.PathLike | None = None,
                      path: str | os.PathLike | None = None,
                      image_loader: Callable[[str], Any] = proc.load_image, **kw) -> list[Generation]:
     """Canonical records (``text_input``, ``image_input``) -> one :class:`Generation` each.
 
-    ``root``: where relative image paths start; ``path``: the records' file, named in errors
-    (with the record's index and id). Keyword arguments go to :func:`generate_prompts`.
+    Records are dicts or ``LocatedRecord`` (from ``read_jsonl``; their ``where`` and ``root``
+    are used). For dicts, ``root`` is where relative image paths start and ``path`` the file
+    named in errors (with the record's index and id). Keyword arguments go to
+    :func:`generate_prompts`.
     """
-    prompts = [record_prompt(rec, tokenizer, image_cfg, root=root, image_loader=image_loader,
-                             where=record_location(path, i + 1, rec)) for i, rec in enumerate(records)]
+    prompts = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, LocatedRecord):
+            if isinstance(rec.record, RecordError):
+                raise rec.record
+            where, rec_root, rec = rec.where, rec.root, rec.record
+        else:
+            where, rec_root = record_location(path, i + 1, rec), root
+        prompts.append(record_prompt(rec, tokenizer, image_cfg, root=rec_root, image_loader=image_loader,
+                                     where=where))
     return generate_prompts(params, cfg, prompts, tokenizer, **kw)
+
+
+def generate_jsonl(params, cfg: ModelConfig, path: str | os.PathLike, tokenizer, image_cfg: proc.ImageProcessorConfig,
+                   *, root: str | os.PathLike | None = None, **kw) -> list[Generation]:
+    """:func:`generate_records` on every record of a JSONL file (images relative to ``root``,
+    default the file's directory); errors name the file and line."""
+    return generate_records(params, cfg, list(read_jsonl(path, root)), tokenizer, image_cfg, **kw)
