@@ -12,14 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-
-# (question image sizes (h, w), question text) of the test prompts.
-PROMPT_SPECS = (
-    ((), "what is the map"),
-    (((56, 84),), "where is the hole"),
-    (((56, 84), (84, 56)), "which one"),
-    (((84, 84),), "move left then up and reach the goal ?"),
-)
+from _gen_data import PROMPT_SPECS, random_image  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -31,12 +24,6 @@ class GenSetup:
     image_cfg: object
     prompts: list
     images: list  # PIL question images of each prompt
-
-
-def random_image(height: int, width: int, seed: int):
-    from PIL import Image
-
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _setup(hf_dir: str) -> GenSetup:
