@@ -126,10 +126,11 @@ def rotary_inv_freq(theta: float, dim: int) -> np.ndarray:
     8e-3 at position 128k. The power is therefore taken in float64 from the same float32
     operands and rounded once to float32, which is the correctly rounded float32 power (what
     torch's scalar kernel, libm's powf, returns); the reciprocal stays in float32 as in HF.
-    torch's vectorised CPU kernel (SLEEF, 1-ulp accurate) rounds the odd near-tie the other
-    way (1 entry of 64 at dim 128, theta 1e6, about 4e-6 of cos/sin at position 128k), and
-    which entries it handles depends on the host's SIMD width, so no fixed formula matches
-    it on every machine.
+    This is bit for bit what HF computes where torch runs its scalar CPU kernels
+    (``ATEN_CPU_CAPABILITY=default``). Its AVX2 / AVX-512 kernels (SLEEF's 1-ulp power) round
+    the odd near-tie the other way (1 entry of 64 at dim 128, theta 1e6: about 4e-6 of cos/sin
+    at position 128k) and cover a length-dependent share of the entries, so HF's own buffer
+    differs between machines and no fixed formula matches it on all of them.
     """
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     power = np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)

@@ -133,6 +133,40 @@ def test_inv_freq_bit_identical_to_torch_power(dim, theta):
     assert ulps.max() <= 1 and np.count_nonzero(ulps) <= 2, (np.nonzero(ulps)[0], ulps.max())
 
 
+_HF_INV_FREQ_SCRIPT = """
+import json, sys
+from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+out = []
+for dim, theta in json.loads(sys.argv[1]):
+    t = Qwen2_5_VLTextConfig(hidden_size=dim, num_attention_heads=1, num_key_value_heads=1,
+                             rope_parameters={"rope_type": "default", "rope_theta": theta,
+                                              "mrope_section": [dim // 2, 0, 0]})
+    v = Qwen2_5_VLVisionConfig(hidden_size=dim, num_heads=1)
+    v.rope_parameters = {"rope_type": "axial", "rope_theta": theta}
+    out.append([m.Qwen2_5_VLRotaryEmbedding(t).inv_freq.view(dtype=m.torch.int32).tolist(),
+                m.Qwen2_5_VLVisionRotaryEmbedding(v).inv_freq.view(dtype=m.torch.int32).tolist()])
+print(json.dumps(out))
+"""
+
+
+def test_inv_freq_bit_identical_to_hf_buffers_on_scalar_torch_kernels():
+    """HF's own inv_freq buffers (text and vision rotary) computed by a torch that runs its
+    scalar CPU kernels, bit for bit; the SIMD kernels' results depend on the host."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    done = subprocess.run([sys.executable, "-c", _HF_INV_FREQ_SCRIPT, json.dumps(INV_FREQ_CASES)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for (dim, theta), (text_bits, vision_bits) in zip(INV_FREQ_CASES, json.loads(done.stdout.splitlines()[-1])):
+        np.testing.assert_array_equal(rope.rotary_inv_freq(theta, dim).view(np.int32), text_bits,
+                                      err_msg=f"text rotary dim {dim} theta {theta}")
+        np.testing.assert_array_equal(rope.rotary_inv_freq(theta, dim // 2).view(np.int32), vision_bits,
+                                      err_msg=f"vision rotary head_dim {dim} theta {theta}")
+
+
 def _large_positions(s, seed=0):
     """[3, 1, s] positions up to 128000 with different t/h/w ids (image-like spreads)."""
     rng = np.random.RandomState(seed)
