@@ -56,6 +56,7 @@ import numpy as np
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data import records as rec_lib
 from ilvr_jax.data import segments as seg_lib
+from ilvr_jax.data import workers
 from ilvr_jax.data.adapters import relative_paths
 from ilvr_jax.data.records import DropPolicy, RecordError
 
@@ -589,7 +590,8 @@ class DataPipeline:
             ds = ds.mp_prefetch(
                 grain.MultiprocessingOptions(
                     num_workers=self.cfg.worker_count, per_worker_buffer_size=self.cfg.worker_buffer_size
-                )
+                ),
+                worker_init_fn=workers.worker_init(),
             )
         return ds
 
