@@ -47,7 +47,8 @@ LAYOUTS: dict[str, dict[str, str]] = {
     "transformers5": {"visual": "model.visual.", "text": "model.language_model."},
     "legacy": {"visual": "visual.", "text": "model."},
 }
-DEFAULT_EXPORT_LAYOUT = "transformers5"
+# The hub's names: transformers 4.5x reads only these (5.x reads both).
+DEFAULT_EXPORT_LAYOUT = "legacy"
 
 # Buffers some older checkpoints carry that are recomputed from the config, not parameters.
 _IGNORED_TENSORS = re.compile(r"(^|\.)(rotary_emb|rotary_pos_emb)\.inv_freq$")
@@ -448,17 +449,21 @@ def save_hf(
     tokenizer_dir: str | None = None,
     tokenizer: Any = None,
     layout: str = DEFAULT_EXPORT_LAYOUT,
+    source_config: dict | None = None,
 ) -> list[str]:
     """Writes an HF Qwen2.5-VL directory that ``from_pretrained`` loads; returns the shard names.
 
     * ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes`` each (a
       tensor larger than that gets a shard of its own) and ``model.safetensors.index.json``,
-      with transformers-5 names by default (``layout="legacy"`` for the 4.4x names);
-    * ``config.json`` from ``cfg.to_hf_dict()`` (latent token ids and latent size included)
-      with ``dtype`` set to the stored dtype;
+      with the hub's (4.4x) names by default, which every transformers version reads
+      (``layout="transformers5"`` for 5.x's state-dict names);
+    * ``config.json`` in the hub's layout (``cfg.to_hub_dict``: read by transformers 4.5x and
+      5.x; latent token ids and latent size included; the fields of ``source_config``, the
+      config.json training started from, kept) with the stored dtype;
     * the tokenizer/processor files of ``tokenizer_dir`` (``TOKENIZER_FILES``), and
       ``tokenizer.save_pretrained(out_dir)`` when a tokenizer object is given (after the
-      copy, so it wins).
+      copy, so it wins); the tokenizer config is then rewritten in the hub's layout
+      (``tokenizer_files.write_hub_tokenizer_config``) so that 4.5x reads it too.
 
     ``dtype=None`` keeps each leaf's dtype. Tensors are produced one at a time. Stale
     ``model*.safetensors`` files from an earlier export into ``out_dir`` are removed.
@@ -497,10 +502,11 @@ def save_hf(
         copy_tokenizer_files(tokenizer_dir, out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    hf_cfg = cfg.to_hf_dict()
+    from ilvr_jax.checkpoint.tokenizer_files import write_hub_tokenizer_config
+
+    write_hub_tokenizer_config(out_dir)
     stored = {t[2] for t in tensors}
-    if len(stored) == 1:
-        hf_cfg["dtype"] = _dtype_name(stored.pop())
+    hf_cfg = cfg.to_hub_dict(source_config, _dtype_name(stored.pop()) if len(stored) == 1 else None)
     _write_json(os.path.join(out_dir, "config.json"), hf_cfg)
     return names
 

@@ -231,3 +231,35 @@ class ModelConfig:
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return d
+
+    def to_hub_dict(self, source: dict[str, Any] | None = None, dtype: str | None = None) -> dict[str, Any]:
+        """config.json in the hub's layout, the one every transformers version reads (4.5x
+        and 5.x): the text model's fields at the top level with ``rope_theta`` and
+        ``rope_scaling = {"type": "mrope", "mrope_section": ...}``, the vision config nested.
+
+        ``source`` (the config.json training started from) keeps every field this config
+        does not own (``max_position_embeddings``, ``sliding_window``, ``vision_token_id``, ...;
+        a transformers-5 nested ``text_config`` is flattened); ``dtype`` (e.g. "bfloat16") is
+        written as ``torch_dtype`` and ``dtype``.
+        """
+        src = dict(source or {})
+        text_src = src.pop("text_config", None) or {}
+        d: dict[str, Any] = {}
+        for k, v in text_src.items():
+            if k not in ("rope_parameters", "rope_scaling", "model_type", "architectures"):
+                d[k] = v
+        d.update({k: v for k, v in src.items() if k != "rope_parameters"})
+        ours = self.to_hf_dict()
+        t = ours.pop("text_config")
+        for k in ("model_type", "rope_parameters"):
+            t.pop(k)
+        vision = {**(src.get("vision_config") or {}), **ours.pop("vision_config")}
+        d.update(ours)
+        d.update(t)
+        d["vision_config"] = vision
+        d["rope_theta"] = self.text.rope_theta
+        d["rope_scaling"] = {"type": "mrope", "mrope_section": list(self.text.mrope_section)}
+        if dtype is not None:
+            d["torch_dtype"] = d["dtype"] = dtype
+        return d
+

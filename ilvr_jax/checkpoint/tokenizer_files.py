@@ -1,0 +1,80 @@
+"""Tokenizer files that every transformers version reads (4.5x and 5.x).
+
+transformers 5's ``save_pretrained`` writes ``tokenizer_config.json`` with
+``extra_special_tokens`` as a list and the chat template only as ``chat_template.jinja``;
+transformers 4.5x expects a mapping there (``'list' object has no attribute 'keys'``) and
+reads the template from ``tokenizer_config.json`` / ``chat_template.json``. The hub's own
+files (written by 4.4x) are read by both, so :func:`write_hub_tokenizer_config` rewrites a
+saved tokenizer directory into that layout: ``additional_special_tokens``,
+``added_tokens_decoder`` (from ``tokenizer.json``), ``chat_template`` in
+``tokenizer_config.json`` and in ``chat_template.json``. ``tokenizer.json`` itself (the
+fast tokenizer, with every added token) is read alike by all versions and is not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# Keys transformers 5 writes that describe the saving process, not the tokenizer.
+_RUNTIME_KEYS = ("backend", "is_local", "local_files_only", "extra_special_tokens")
+
+
+def _read(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def chat_template(tok_dir: str, config: dict[str, Any] | None = None) -> str | None:
+    """The directory's chat template: ``tokenizer_config.json``, ``chat_template.jinja`` or
+    ``chat_template.json``, in that order."""
+    if config and isinstance(config.get("chat_template"), str):
+        return config["chat_template"]
+    jinja = os.path.join(tok_dir, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    js = os.path.join(tok_dir, "chat_template.json")
+    if os.path.isfile(js):
+        return _read(js).get("chat_template")
+    return None
+
+
+def write_hub_tokenizer_config(tok_dir: str) -> None:
+    """Rewrites ``tok_dir/tokenizer_config.json`` (and ``chat_template.json``) in the hub's
+    layout; see the module docstring. A directory without ``tokenizer.json`` is left alone."""
+    cfg_path = os.path.join(tok_dir, TOKENIZER_CONFIG)
+    tok_json = os.path.join(tok_dir, "tokenizer.json")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(tok_json)):
+        return
+    cfg = _read(cfg_path)
+    extra = cfg.get("extra_special_tokens")
+    additional = list(cfg.get("additional_special_tokens") or [])
+    if isinstance(extra, list):
+        additional += [t for t in extra if t not in additional]
+    elif isinstance(extra, dict):
+        # Named extra tokens (transformers 5's mapping form) stay; 4.5x reads the mapping too.
+        cfg["extra_special_tokens"] = extra
+    out = {k: v for k, v in cfg.items() if k not in _RUNTIME_KEYS or (k == "extra_special_tokens" and isinstance(v, dict))}
+    if additional:
+        out["additional_special_tokens"] = additional
+    added = _read(tok_json).get("added_tokens") or []
+    out["added_tokens_decoder"] = {
+        str(t["id"]): {k: t.get(k, False) for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for t in sorted(added, key=lambda t: t["id"])
+    }
+    template = chat_template(tok_dir, cfg)
+    if template:
+        out["chat_template"] = template
+        _write(os.path.join(tok_dir, "chat_template.json"), {"chat_template": template})
+    _write(cfg_path, out)
