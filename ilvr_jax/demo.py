@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     c1 = load_config("stage1.py", "demo")
     if args.stage1_steps:
         c1.train.num_steps = args.stage1_steps
-    m1 = loop.train_and_evaluate(c1, s1_dir)
+    m1 = loop.train_and_evaluate(c1, s1_dir, print_config=False)
     t1 = time.time()
     c2 = load_config("stage2.py", "demo")
     c2.train.init_from = s1_dir
     if args.stage2_steps:
         c2.train.num_steps = args.stage2_steps
-    m2 = loop.train_and_evaluate(c2, s2_dir)
+    m2 = loop.train_and_evaluate(c2, s2_dir, print_config=False)
     t2 = time.time()
 
     def fmt(m, keys):
@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stage 2 ({t2 - t1:.0f} s): {fmt(m2, ('loss', 'ce'))}")
     for name, d in (("stage 1", s1_dir), ("stage 2", s2_dir)):
         print(f"{name}: checkpoints {os.path.join(d, 'checkpoints')}\n"
-              f"         TensorBoard {os.path.join(d, 'tensorboard')}  (tensorboard --logdir {root})\n"
+              f"         TensorBoard {os.path.join(d, 'tensorboard')}\n"
               f"         HF export   {os.path.join(d, 'export_hf')}")
+    print(f"configs: {os.path.join(s1_dir, 'config.json')}, {os.path.join(s2_dir, 'config.json')}")
+    print(f"TensorBoard: pip install tensorboard && tensorboard --logdir {root}")
     print(f"total wall time {t2 - t0:.0f} s")
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -29,12 +28,13 @@ from ilvr_jax.train import checkpoints as ckpt_lib
 from ilvr_jax.train import mesh as mesh_lib
 from ilvr_jax.train import metrics as metrics_lib
 from ilvr_jax.train import optimizer as opt_lib
+from ilvr_jax.train import preemption
+from ilvr_jax.train import run_model
+from ilvr_jax.train.run_model import MODEL_CONFIG_FILE
 from ilvr_jax.train import step as step_lib
 
 logger = logging.getLogger("ilvr_jax")
 
-MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_DIR = "tokenizer"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ADAPTERS = ("canonical", "comt", "vsp", "zebra", "maze")
 
@@ -132,11 +132,16 @@ def check_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """The (data, fsdp, tensor) mesh of ``mesh.shape``; ``ConfigError`` when it does not fit
     the devices or the batch."""
     n = jax.device_count()
+    platform = jax.default_backend()
+    if c.model.attn_impl == "cudnn" and platform != "gpu":
+        raise ConfigError(f"model.attn_impl='cudnn' needs NVIDIA GPUs, this host runs on {platform}; "
+                          "set --config.model.attn_impl=xla")
     shape = [int(s) for s in c.mesh.shape]
     try:
         mesh = mesh_lib.make_mesh(shape)
     except ValueError as e:
-        raise ConfigError(f"mesh.shape: {e}") from None
+        raise ConfigError(f"mesh.shape: {e} ({platform}); set --config.mesh.shape to fit this host, "
+                          "e.g. (1, -1, 1) for all its devices") from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     per_micro = int(c.data.batch_size) // int(c.optim.grad_accum_steps)
     if per_micro % dp:
@@ -146,65 +151,6 @@ def check_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         raise ConfigError(f"data.batch_size {c.data.batch_size} must be divisible by the process count "
                           f"{jax.process_count()}")
     return mesh
-
-
-# ----------------------------------------------------------------------------- model
-def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConfig, Any, str]:
-    """(model config, initial params or None for stage 2, tokenizer dir with latent tokens).
-
-    The tokenizer (with the latent tokens) and the model config are written into the
-    workdir, so stage 2, export and evaluation read exactly what training used."""
-    tok_dir = os.path.join(workdir, TOKENIZER_DIR)
-    cfg_path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    K = int(c.ilvr.latent_size)
-    if c.stage == 2:
-        src = ckpt_lib.run_root(c.train.init_from)
-        cfg = ModelConfig.from_hf(os.path.join(src, MODEL_CONFIG_FILE))
-        if cfg.latent_size not in (None, K):
-            logger.warning("stage 1 used latent_size %s, this run uses %d", cfg.latent_size, K)
-        cfg = cfg.replace(latent_size=K)
-        if os.path.abspath(src) != os.path.abspath(workdir):
-            _copy_tree(os.path.join(src, TOKENIZER_DIR), tok_dir)
-        _write_json(cfg_path, cfg.to_hf_dict())
-        return cfg, None, tok_dir
-    from ilvr_jax.checkpoint.latent_tokens import add_latent_tokens
-
-    if c.model.init == "tiny":
-        from ilvr_jax import tiny
-
-        tok = tiny.build_tokenizer()
-        cfg = ModelConfig.from_hf(tiny.hf_config(tok, c.model.tiny_shape, latent_size=K))
-        params = jax.jit(qwen25vl.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(int(c.seed)))
-        params = jax.tree.map(np.asarray, params)
-    else:
-        from transformers import AutoTokenizer
-
-        from ilvr_jax.checkpoint.hf import load_hf_params
-
-        cfg, params = load_hf_params(c.model.hf_dir)
-        tok = AutoTokenizer.from_pretrained(c.model.hf_dir)
-    tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K, resize=c.model.vocab_resize)
-    tok.save_pretrained(tok_dir)
-    if c.model.init == "hf":
-        # processor/chat-template files travel with the tokenizer (export copies them).
-        from ilvr_jax.checkpoint.hf import copy_tokenizer_files
-
-        copy_tokenizer_files(c.model.hf_dir, tok_dir)
-    _write_json(cfg_path, cfg.to_hf_dict())
-    return cfg, params, tok_dir
-
-
-def _copy_tree(src: str, dst: str) -> None:
-    if not os.path.isdir(src):
-        raise ConfigError(f"{src}: missing (expected the stage-1 run's tokenizer)")
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- data
@@ -251,7 +197,9 @@ def _wait_for(path: str, timeout: float = 3600.0) -> None:
         time.sleep(1.0)
 
 
-def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int):
+def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int, image_cfg=None):
+    """The pipeline's DataConfig; the pixel budgets are ``image_cfg``'s (the run's resolved
+    processor settings, see ``run_model.image_config``) when given."""
     from ilvr_jax.data.pipeline import DataConfig
 
     return DataConfig(
@@ -263,8 +211,8 @@ def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int):
         max_segments=int(c.data.max_segments),
         latent_size=int(c.ilvr.latent_size),
         answer_format=str(c.data.answer_format) or None,  # "" = the plan alone (reference)
-        min_pixels=int(c.data.min_pixels),
-        max_pixels=int(c.data.max_pixels),
+        min_pixels=int(image_cfg.min_pixels if image_cfg else c.data.min_pixels),
+        max_pixels=int(image_cfg.max_pixels if image_cfg else c.data.max_pixels),
         seed=int(c.seed),
         shuffle=bool(c.data.shuffle),
         num_epochs=None if int(c.train.num_steps) > 0 else int(c.train.num_epochs),
@@ -317,8 +265,11 @@ def _to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.A
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) a training run; returns the last logged metrics.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print_config: bool = True
+                       ) -> dict[str, float]:
+    """Runs (or resumes) a training run; returns the last logged metrics (of an earlier start
+    when this one had no step left to run). The resolved config is saved as
+    ``WORKDIR/config.json`` and, with ``print_config``, printed.
 
     Raises ``ConfigError`` (before any model, data or device work) for a config that cannot
     run, ``TrainingDiverged`` when the loss turns non-finite under ``nan_policy='stop'``
@@ -327,20 +278,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     c = config
     validate_config(c, workdir)
     if c.mesh.distributed:
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"mesh.distributed=True, but jax.distributed.initialize() found no multi-host "
+                              f"cluster here ({str(e).splitlines()[0]}); on a single host set "
+                              "--config.mesh.distributed=False") from None
     mesh = check_mesh(c)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        print("resolved config:\n" + str(c), flush=True)
+        if print_config:
+            print("resolved config:\n" + str(c), flush=True)
         _write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2, sort_keys=True))
 
-    model_cfg, params, tok_dir = prepare_model(c, workdir)
+    try:
+        model_cfg, params, tok_dir = run_model.prepare_model(c, workdir)
+        image_cfg = run_model.image_config(c, tok_dir)
+    except run_model.ModelSetupError as e:
+        raise ConfigError(str(e)) from None
     train_path, root = prepare_data(c, workdir)
     from ilvr_jax.data.pipeline import DataPipeline
 
     per_process = int(c.data.batch_size) // jax.process_count()
-    pipe = DataPipeline.from_jsonl(train_path, tok_dir, data_config(c, per_process), root=root)
+    pipe = DataPipeline.from_jsonl(train_path, tok_dir, data_config(c, per_process, image_cfg), root=root,
+                                   image_cfg=image_cfg)
     info = pipe.describe()
     logger.info("data: %s", json.dumps(info))
     if pipe.num_records == 0:
@@ -377,7 +339,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         init = jax.jit(lambda p, r: step_lib.init_train_state(p, tx, scfg, r), out_shardings=st_sh)
         state = init(params, jax.random.PRNGKey(int(c.seed)))
     del params
-    it = pipe.iterator(data_state)
+    try:
+        it = pipe.iterator(data_state)
+    except ValueError as e:
+        if data_state is None:
+            raise
+        raise ConfigError(_data_state_mismatch(manager, start_step, c)) from e
 
     batch_shapes = {k: jax.ShapeDtypeStruct((int(c.data.batch_size),) + tuple(v.shape[1:]), v.dtype)
                     for k, v in _example_batch(pipe).items()}
@@ -400,60 +367,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     bar = tqdm(total=total_steps, initial=start_step, disable=jax.process_index() != 0,
                dynamic_ncols=True, file=sys.stdout, desc=f"stage {scfg.stage}")
-    try:
-        while step < total_steps:
-            try:
-                host_batch = next(it)
-            except StopIteration:
-                logger.info("data exhausted at step %d", step)
-                if step > start_step and manager.latest_step() != step:
-                    ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=True)
-                break
-            _host_batch_checks(host_batch, scfg)
-            state, m = train(state, _to_global(host_batch, b_sh))
-            step += 1
-            bar.update(1)
-            finite = bool(m["finite"])
-            if not finite:
-                msg = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-                       f"grad_norm={float(m['grad_norm'])})")
-                if scfg.nan_policy == "stop":
-                    # Nothing of this step is saved; the checkpoints so far stay as they are.
-                    raise TrainingDiverged(f"{msg}; training stopped (train.nan_policy='stop'). The last "
-                                           f"checkpoint in {manager.directory} is from before this step.")
-                logger.warning("%s; the update was skipped (train.nan_policy='skip')", msg)
-            if step == start_step + 1:
-                thr.skip()           # this process's first step includes compilation
-            else:
-                thr.update(float(m["tokens"]))
-            if best_metric and finite:
-                best_acc.append(float(m[best_metric]))
-            if step % int(c.train.log_every) == 0 or step == total_steps:
-                scalars = {k: float(v) for k, v in m.items() if k != "finite"}
-                scalars.update(thr.read())   # tokens_per_s, step_time_s, tflops_per_device, mfu (None: unknown)
-                writer.write(step, scalars, extra={"batch_fingerprint": metrics_lib.batch_fingerprint(host_batch),
-                                                   "finite": finite})
-                last = {k: v for k, v in scalars.items() if v is not None}
-                bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "ce", "sim", "kstar") if k in scalars})
-                logger.info("step %d: %s", step, metrics_lib.format_scalars(scalars))
-            # Ranks checkpoints for train.keep_best_metric: the mean since the previous one.
-            ckpt_metrics = {best_metric: float(np.mean(best_acc))} if best_metric and best_acc else None
-            if ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=step == total_steps,
-                             metrics=ckpt_metrics):
-                best_acc = []
-    finally:
-        bar.close()
-        manager.wait_until_finished()
-        writer.close()
+    with preemption.catch_stop_signals() as stop_request:
+        try:
+            while step < total_steps:
+                if stop_request.signal is not None:
+                    _stop_with_checkpoint(stop_request, manager, step, start_step, state, it, config_json)
+                try:
+                    host_batch = next(it)
+                except StopIteration:
+                    logger.info("data exhausted at step %d", step)
+                    if step > start_step and manager.latest_step() != step:
+                        ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=True)
+                    break
+                _host_batch_checks(host_batch, scfg)
+                state, m = train(state, _to_global(host_batch, b_sh))
+                step += 1
+                bar.update(1)
+                finite = bool(m["finite"])
+                if not finite:
+                    msg = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+                           f"grad_norm={float(m['grad_norm'])})")
+                    if scfg.nan_policy == "stop":
+                        # Nothing of this step is saved; the checkpoints so far stay as they are.
+                        raise TrainingDiverged(f"{msg}; training stopped (train.nan_policy='stop'). The last "
+                                               f"checkpoint in {manager.directory} is from before this step.")
+                    logger.warning("%s; the update was skipped (train.nan_policy='skip')", msg)
+                if step == start_step + 1:
+                    thr.skip()           # this process's first step includes compilation
+                else:
+                    thr.update(float(m["tokens"]))
+                if best_metric and finite:
+                    best_acc.append(float(m[best_metric]))
+                if step % int(c.train.log_every) == 0 or step == total_steps:
+                    scalars = {k: float(v) for k, v in m.items() if k != "finite"}
+                    scalars.update(thr.read())   # tokens_per_s, step_time_s, tflops_per_device, mfu (None: unknown)
+                    writer.write(step, scalars, extra={"batch_fingerprint": metrics_lib.batch_fingerprint(host_batch),
+                                                       "finite": finite})
+                    last = {k: v for k, v in scalars.items() if v is not None}
+                    bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "ce", "sim", "kstar") if k in scalars})
+                    logger.info("step %d: %s", step, metrics_lib.format_scalars(scalars))
+                # Ranks checkpoints for train.keep_best_metric: the mean since the previous one.
+                ckpt_metrics = {best_metric: float(np.mean(best_acc))} if best_metric and best_acc else None
+                if ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=step == total_steps,
+                                 metrics=ckpt_metrics):
+                    best_acc = []
+        finally:
+            bar.close()
+            manager.wait_until_finished()
+            writer.close()
     if c.train.export_at_end and jax.process_index() == 0:
         from ilvr_jax.checkpoint.hf import export_params_to_hf
 
         out = os.path.join(workdir, "export_hf")
-        export_params_to_hf(jax.tree.map(np.asarray, state.params), model_cfg, out, tok_dir)
+        source = run_model.source_config(workdir)
+        export_params_to_hf(jax.tree.map(np.asarray, state.params), model_cfg, out, tok_dir,
+                            dtype=run_model.source_dtype(source), source_config=source)
         logger.info("exported the student to %s", out)
     logger.info("done at step %d: checkpoints in %s, TensorBoard logs in %s", step, manager.directory,
                 writer.path)
+    if not last:   # nothing ran in this start: the last metrics logged before it
+        path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+        logged = metrics_lib.read_jsonl(path) if os.path.isfile(path) else []
+        last = {k: v for k, v in (logged[-1] if logged else {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
     return last
+
+
+def _stop_with_checkpoint(request: preemption.StopRequest, manager, step: int, start_step: int, state, it,
+                          config_json) -> None:
+    """Saves the state at ``step`` (data position included) and raises ``Stopped``."""
+    if step > start_step and manager.latest_step() != step:
+        ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=True)
+        manager.wait_until_finished()
+        saved = f"checkpoint of step {step} saved in {manager.directory}"
+    elif manager.latest_step() is not None:
+        saved = f"the newest checkpoint is step {manager.latest_step()} in {manager.directory}"
+    else:
+        saved = "no step had run, nothing to save"
+    raise preemption.Stopped(f"stopped by {request.name} at step {step}: {saved}; rerun the same command to resume",
+                             request.signal)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _data_state_mismatch(manager, step: int, c: ml_collections.ConfigDict) -> str:
+    """Why the checkpoint's data position does not fit this run: the data keys (and the others
+    the batches depend on) that differ from the config saved with the checkpoint."""
+    saved = ckpt_lib.restore_json_item(os.path.join(str(manager.directory), str(step)), ckpt_lib.CONFIG)
+    old, new = _flatten(saved), _flatten(json.loads(c.to_json_best_effort()))
+    relevant = [k for k in sorted(set(old) | set(new)) if k.startswith("data.") or k in (
+        "seed", "ilvr.latent_size", "train.num_epochs", "optim.grad_accum_steps")]
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in relevant if old.get(k) != new.get(k)]
+    where = f"the checkpoint of step {step} in {manager.directory}"
+    if changed:
+        return (f"{where} was written with other data settings: {'; '.join(changed)}. Resume with the old "
+                "values, or start a new --workdir")
+    return (f"{where} was written for other data: the records or their images changed, or the process count "
+            "did; resume with the same data, or start a new --workdir")
 
 
 def _write_text(path: str, text: str) -> None:

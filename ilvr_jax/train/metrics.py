@@ -38,6 +38,9 @@ PEAK_FLOPS = {
 }
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     """Peak bf16 FLOP/s of ``device`` from the table, or None (CPU, unknown kinds)."""
     kind = (device or jax.devices()[0]).device_kind
@@ -142,7 +145,7 @@ class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(workdir, "tensorboard")
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.jsonl_path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         self._jsonl = None
         if enabled:

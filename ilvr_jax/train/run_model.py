@@ -1,0 +1,200 @@
+"""The model side of a run's workdir: what training reads, and what stage 2, export and
+evaluation read back, so they all see exactly what training used::
+
+    WORKDIR/model_config.json    architecture + latent token ids and K (ModelConfig.to_hf_dict)
+    WORKDIR/source_config.json   the source directory's config.json, verbatim (the export keeps
+                                 its fields: max_position_embeddings, vision_token_id, dtype, ...)
+    WORKDIR/tokenizer/           the tokenizer WITH the latent tokens, its chat template, and
+                                 preprocessor_config.json with the pixel budgets this run trains
+                                 with; generation_config.json when the source has one
+
+A stock download has no latent tokens: they are added once here (``add_latent_tokens``),
+whatever the source holds (a directory that already carries them, e.g. an earlier export,
+keeps its ids), and the embedding table is resized to match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ilvr_jax.checkpoint import tokenizer_files
+from ilvr_jax.data import processor as proc
+from ilvr_jax.model import qwen25vl
+from ilvr_jax.model.config import LATENT_TOKENS, ModelConfig
+
+logger = logging.getLogger("ilvr_jax")
+
+MODEL_CONFIG_FILE = "model_config.json"
+SOURCE_CONFIG_FILE = "source_config.json"
+TOKENIZER_DIR = "tokenizer"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# Files of a model directory that travel with the tokenizer but are not written by
+# ``tokenizer.save_pretrained`` (copying the tokenizer's own files would overwrite the
+# latent tokens added to it).
+PROCESSOR_FILES = (PREPROCESSOR_FILE, "video_preprocessor_config.json", "processor_config.json",
+                   "chat_template.json", "chat_template.jinja", "generation_config.json")
+
+
+class ModelSetupError(ValueError):
+    """The source model directory cannot be used (one line, naming the file)."""
+
+
+def read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def source_config(root: str) -> dict[str, Any] | None:
+    """The source model's config.json kept in a run's workdir (None for a tiny model)."""
+    path = os.path.join(root, SOURCE_CONFIG_FILE)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def source_dtype(source: dict[str, Any] | None) -> str | None:
+    """The dtype the source model was stored in ("bfloat16" for a hub download), or None."""
+    if not source:
+        return None
+    dt = source.get("torch_dtype") or source.get("dtype") or (source.get("text_config") or {}).get("dtype")
+    return dt if dt in ("float32", "bfloat16") else None
+
+
+def load_source_tokenizer(src_dir: str):
+    """The tokenizer of a model directory, with its chat template (from the processor files
+    when the tokenizer config carries none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src_dir)
+    except Exception as e:  # noqa: BLE001 (transformers raises many kinds; report one line)
+        raise ModelSetupError(f"{src_dir}: the tokenizer files cannot be loaded ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = tokenizer_files.chat_template(src_dir)
+    if not tok.chat_template:
+        raise ModelSetupError(f"{src_dir}: no chat template (tokenizer_config.json, chat_template.json "
+                              "and chat_template.jinja have none); ILVR prompts need Qwen2.5-VL's template")
+    return tok
+
+
+def copy_processor_files(src_dir: str, out_dir: str) -> list[str]:
+    """Copies ``PROCESSOR_FILES`` present in ``src_dir``; returns their names."""
+    copied = []
+    for name in PROCESSOR_FILES:
+        src, dst = os.path.join(src_dir, name), os.path.join(out_dir, name)
+        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied
+
+
+def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConfig, Any, str]:
+    """(model config, initial params or None for stage 2, tokenizer dir with latent tokens).
+
+    Stage 1 reads ``model.hf_dir`` (or builds the tiny model), adds the latent tokens once and
+    writes the files of the module docstring; stage 2 copies them from ``train.init_from``."""
+    from ilvr_jax.train import checkpoints as ckpt_lib
+
+    tok_dir = os.path.join(workdir, TOKENIZER_DIR)
+    cfg_path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    K = int(c.ilvr.latent_size)
+    if c.stage == 2:
+        src = ckpt_lib.run_root(c.train.init_from)
+        cfg = ModelConfig.from_hf(os.path.join(src, MODEL_CONFIG_FILE))
+        if cfg.latent_size not in (None, K):
+            logger.warning("stage 1 used latent_size %s, this run uses %d", cfg.latent_size, K)
+        cfg = cfg.replace(latent_size=K)
+        if os.path.abspath(src) != os.path.abspath(workdir):
+            if not os.path.isdir(os.path.join(src, TOKENIZER_DIR)):
+                raise ModelSetupError(f"{os.path.join(src, TOKENIZER_DIR)}: missing (expected the stage-1 "
+                                      "run's tokenizer)")
+            shutil.copytree(os.path.join(src, TOKENIZER_DIR), tok_dir, dirs_exist_ok=True)
+            if os.path.isfile(os.path.join(src, SOURCE_CONFIG_FILE)):
+                shutil.copyfile(os.path.join(src, SOURCE_CONFIG_FILE), os.path.join(workdir, SOURCE_CONFIG_FILE))
+        write_json(cfg_path, cfg.to_hf_dict())
+        return cfg, None, tok_dir
+    from ilvr_jax.checkpoint.latent_tokens import add_latent_tokens
+
+    os.makedirs(tok_dir, exist_ok=True)
+    if c.model.init == "tiny":
+        from ilvr_jax import tiny
+
+        tok = tiny.build_tokenizer()
+        cfg = ModelConfig.from_hf(tiny.hf_config(tok, c.model.tiny_shape, latent_size=K))
+        params = jax.jit(qwen25vl.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(int(c.seed)))
+        params = jax.tree.map(np.asarray, params)
+    else:
+        from ilvr_jax.checkpoint.hf import load_hf_params
+
+        tok = load_source_tokenizer(c.model.hf_dir)
+        cfg, params = load_hf_params(c.model.hf_dir)
+        copy_processor_files(c.model.hf_dir, tok_dir)
+        shutil.copyfile(os.path.join(c.model.hf_dir, "config.json"), os.path.join(workdir, SOURCE_CONFIG_FILE))
+    had = [t for t in LATENT_TOKENS if t in tok.get_vocab()]
+    tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K, resize=c.model.vocab_resize)
+    # The tokenizer's own files are written after the processor files, so they carry the latent tokens.
+    tok.save_pretrained(tok_dir)
+    tokenizer_files.write_hub_tokenizer_config(tok_dir)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS}
+    logger.info("latent tokens %s (%s), vocabulary %d rows", ids,
+                "already in the source tokenizer" if len(had) == 3 else "added to the tokenizer",
+                cfg.text.vocab_size)
+    write_json(cfg_path, cfg.to_hf_dict())
+    return cfg, params, tok_dir
+
+
+def image_config(c: ml_collections.ConfigDict, tok_dir: str) -> proc.ImageProcessorConfig:
+    """The image processor settings this run trains with: the model's own
+    ``preprocessor_config.json`` (Qwen2.5-VL's defaults without one), with ``data.min_pixels``
+    / ``data.max_pixels`` overriding its pixel budgets when > 0. Written back into the run's
+    tokenizer dir, so the export's processor resizes images as training did."""
+    path = os.path.join(tok_dir, PREPROCESSOR_FILE)
+    source = read_json(path) if os.path.isfile(path) else {}
+    base = proc.ImageProcessorConfig.from_hf(source) if source else proc.ImageProcessorConfig()
+    overrides = {k: int(c.data[k]) for k in ("min_pixels", "max_pixels") if int(c.data[k]) > 0}
+    import dataclasses
+
+    cfg = dataclasses.replace(base, **overrides)
+    if cfg.min_pixels > cfg.max_pixels:
+        raise ModelSetupError(f"image pixel budget: min_pixels {cfg.min_pixels} > max_pixels {cfg.max_pixels} "
+                              f"(data.min_pixels / data.max_pixels, or {path})")
+    if jax.process_index() == 0:
+        write_json(path, preprocessor_dict(cfg, source))
+    return cfg
+
+
+def preprocessor_dict(cfg: proc.ImageProcessorConfig, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``preprocessor_config.json`` for ``cfg``, keeping the other fields of ``source``. The
+    budgets are written both as top-level ``min_pixels`` / ``max_pixels`` (transformers 4.5x
+    and the hub's files) and as ``size`` (transformers 5), with the same values, so every
+    version resizes alike."""
+    d = dict(source or {})
+    d.setdefault("image_processor_type", "Qwen2VLImageProcessor")
+    d.setdefault("processor_class", "Qwen2_5_VLProcessor")
+    d.update({
+        "min_pixels": cfg.min_pixels,
+        "max_pixels": cfg.max_pixels,
+        "size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
+        "patch_size": cfg.patch_size,
+        "temporal_patch_size": cfg.temporal_patch_size,
+        "merge_size": cfg.merge_size,
+        "image_mean": list(cfg.image_mean),
+        "image_std": list(cfg.image_std),
+        "rescale_factor": cfg.rescale_factor,
+    })
+    return d
