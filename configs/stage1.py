@@ -16,87 +16,110 @@ import ml_collections
 PRESETS = ("paper", "demo", "debug", "v5p_8", "v5e_16", "gpu_8")
 
 
+# Every key of the config, its default (a function of the stage where it differs) and what it
+# means: the one place the keys are documented (``python -m ilvr_jax.main --config FILE[:PRESET]
+# --describe`` prints them with the resolved values).
+KEYS: tuple[tuple[str, object, str], ...] = (
+    ("stage", lambda s: s, "1: latent alignment with the momentum teacher; 2: the model's own latents, CE only"),
+    ("seed", 42, "seeds the initialisation, the data order and the alignment noise"),
+    # model
+    ("model.hf_dir", "", "local Qwen2.5-VL directory (config.json + safetensors + tokenizer), e.g. a hub download"),
+    ("model.init", "hf", "'hf': load model.hf_dir; 'tiny': a tiny random model (demo, tests)"),
+    ("model.tiny_shape", "untied_gqa2", "architecture of model.init='tiny' (ilvr_jax.tiny.TINY_SHAPES)"),
+    ("model.compute_dtype", "bfloat16", "activations and matmuls: 'bfloat16' or 'float32' (parameters stay fp32)"),
+    ("model.remat_policy", "nothing_saveable", "activation checkpointing of the scanned layers (model.layers.REMAT_POLICIES)"),
+    ("model.attn_impl", "xla", "attention kernel: 'xla', 'cudnn' (GPU flash attention) or 'reference'"),
+    ("model.vocab_resize", "exact", "rows of the embedding/lm_head after adding the latent tokens: 'exact' = "
+                                    "len(tokenizer), as the reference (shrinks Qwen2.5's padded 152064 to 151668, so "
+                                    "the CE softmax runs over the tokenizer's classes only); 'grow_only' keeps the padded table"),
+    # ilvr
+    ("ilvr.latent_size", 8, "K: latent tokens per helper image"),
+    ("ilvr.top_p", 0.9, "p: the teacher keeps the fewest top patches whose softmax mass reaches p (K* <= K)"),
+    ("ilvr.num_candidates", 256, "L: helper-image tokens are mean-pooled into at most L candidates"),
+    ("ilvr.ema_decay", 0.999, "momentum teacher decay d (theta_T <- d theta_T + (1-d) theta_S); 1.0 = a frozen "
+                              "teacher, which is what the released trainer does (its EMA hook is never called)"),
+    ("ilvr.teacher_dtype", "float32", "teacher storage: keep the EMA in 'float32' (bf16 rounds 1e-3 steps away)"),
+    ("ilvr.ce_weight", 1.0, "stage 1: weight of the next-token CE (stage 2's loss is the CE alone)"),
+    ("ilvr.sim_weight", 1.0, "stage 1: weight of the latent alignment loss L_sim"),
+    ("ilvr.noise_scale", 0.01, "stage 1: std of the noise added to the alignment targets"),
+    # data
+    ("data.adapter", "canonical", "record format of data.train_path: canonical (CoMT-style JSONL), comt, vsp, "
+                                  "zebra (Zebra-CoT parquet folders) or maze (synthetic)"),
+    ("data.train_path", "", "training data: a JSONL file (canonical), or what the adapter reads"),
+    ("data.image_root", "", "image paths are relative to this directory (default: the JSONL's directory)"),
+    ("data.max_length", lambda s: 32768 if s == 1 else 8192, "longest sequence (tokens, image pads and latent "
+                                                             "segments included); longer records are dropped"),
+    ("data.max_question_patches", 16384, "largest question-image patch total per sample (multiple of 4)"),
+    ("data.max_helper_patches", 16384, "largest helper-image patch total per sample (multiple of 4)"),
+    ("data.max_question_images", 4, "question images per sample at most"),
+    ("data.max_segments", 8, "M_max: latent segments (helper images) per sample at most"),
+    ("data.min_pixels", 0, "image resize budget, smallest area in pixels; 0 = the model's preprocessor_config.json"),
+    ("data.max_pixels", 0, "image resize budget, largest area in pixels; 0 = the model's preprocessor_config.json"),
+    ("data.answer_format", "", "text appended after the plan ('{answer}' = original_final_answer); '' = the plan "
+                               "alone, as the reference"),
+    ("data.batch_size", 8, "global batch per optimizer step (all processes, all accumulation steps)"),
+    ("data.shuffle", True, "shuffle every epoch (seeded)"),
+    ("data.worker_count", 2, "image-decoding worker processes per host (0 = in the training process)"),
+    ("data.drop_policy", "skip", "a bad record: 'skip' (counted and logged) or 'error' (stop, naming it)"),
+    ("data.drop_remainder", False, "drop each length bucket's last short batch instead of padding it"),
+    ("data.generate_records", 0, "adapter 'maze' without train_path: this many mazes are generated into the workdir"),
+    ("data.maze_sizes", (3, 6), "grid sizes (smallest, largest) of generated mazes"),
+    # optim
+    ("optim.lr", 1e-5, "peak learning rate (AdamW)"),
+    ("optim.weight_decay", 0.01, "AdamW weight decay (not on biases and norms)"),
+    ("optim.warmup_steps", 10, "linear warm-up steps"),
+    ("optim.schedule", "linear", "learning-rate schedule after warm-up: 'linear', 'cosine' or 'constant'"),
+    ("optim.clip_norm", 1.0, "clip the global gradient norm to this"),
+    ("optim.grad_accum_steps", 8, "micro-batches per optimizer step (data.batch_size must divide by it)"),
+    ("optim.frozen", ("visual/.*",), "regexes over parameter paths that are not trained (the vision tower)"),
+    # train
+    ("train.num_epochs", 15, "passes over the data (when train.num_steps <= 0)"),
+    ("train.num_steps", -1, "optimizer steps; > 0 overrides train.num_epochs"),
+    ("train.log_every", 10, "steps between metric lines (console, metrics.jsonl, TensorBoard)"),
+    ("train.checkpoint_every", 500, "steps between checkpoints (SIGTERM/SIGINT also save one)"),
+    ("train.keep_checkpoints", 3, "the newest N checkpoints are kept (0 = all)"),
+    ("train.keep_best_metric", "", "'', 'loss', 'ce' or 'sim': also keep the checkpoint with the lowest mean"),
+    ("train.async_checkpoints", True, "write checkpoints in the background"),
+    ("train.nan_policy", "stop", "a non-finite loss or gradient: 'stop' the run or 'skip' the update"),
+    ("train.init_from", "", "stage 2: the stage-1 workdir (or one of its checkpoints/STEP directories)"),
+    ("train.export_at_end", True, "write an HF directory of the final student into WORKDIR/export_hf"),
+    ("train.loss_normalization", "sample", "'sample': the reference's mean over samples of token-mean CE; "
+                                           "'token': HF's token mean"),
+    ("train.stage2_chunk_len", (0, 0), "stage 2: window widths (first text chunk, later chunks) of the KV-cached "
+                                       "latent recurrence; 0 = the sequence length (always valid). Tight windows "
+                                       "make stage 2 cost about one forward"),
+    # mesh
+    ("mesh.shape", (1, -1, 1), "(data, fsdp, tensor) device mesh; -1 = all remaining devices"),
+    ("mesh.distributed", False, "multi-host: call jax.distributed.initialize() first (TPU pods, GPU clusters)"),
+)
+DOCS = {key: doc for key, _, doc in KEYS}
+
+
 def base_config(stage: int) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = stage
-    c.seed = 42
-
-    c.model = ml_collections.ConfigDict()
-    c.model.hf_dir = ""                  # local Qwen2.5-VL directory (config.json + safetensors)
-    c.model.init = "hf"                  # "hf": load hf_dir; "tiny": a tiny random model (demo/tests)
-    c.model.tiny_shape = "untied_gqa2"   # for init="tiny" (see ilvr_jax.tiny.TINY_SHAPES)
-    c.model.compute_dtype = "bfloat16"
-    c.model.remat_policy = "nothing_saveable"
-    c.model.attn_impl = "xla"            # "xla", "cudnn" (GPU flash attention), "reference"
-    # Embedding/lm_head rows after adding the latent tokens. "exact": rows = len(tokenizer), as
-    # the reference's resize_token_embeddings (shrinks Qwen2.5's padded 152064 to 151668, so the
-    # CE softmax runs over the tokenizer's classes only); "grow_only": keep the padded table.
-    c.model.vocab_resize = "exact"
-
-    c.ilvr = ml_collections.ConfigDict()
-    c.ilvr.latent_size = 8               # K
-    c.ilvr.top_p = 0.9                   # p
-    c.ilvr.num_candidates = 256          # L
-    # Momentum teacher decay (method section 3). The authors' released trainer defines the EMA
-    # hook under a name HF's Trainer never calls, so its teacher stays the initial model:
-    # ema_decay=1.0 reproduces that; 0.999 is the method as published.
-    c.ilvr.ema_decay = 0.999
-    c.ilvr.teacher_dtype = "float32"     # keep the EMA in fp32: bf16 rounds 1e-3 steps away
-    c.ilvr.ce_weight = 1.0
-    c.ilvr.sim_weight = 1.0
-    c.ilvr.noise_scale = 0.01
-
-    c.data = ml_collections.ConfigDict()
-    c.data.adapter = "canonical"         # canonical (CoMT-style JSONL), comt, vsp, zebra, maze
-    c.data.train_path = ""
-    c.data.image_root = ""               # default: the directory of train_path
-    c.data.max_length = 32768 if stage == 1 else 8192
-    c.data.max_question_patches = 16384
-    c.data.max_helper_patches = 16384
-    c.data.max_question_images = 4
-    c.data.max_segments = 8              # M_max
-    c.data.min_pixels = 4 * 28 * 28
-    c.data.max_pixels = 16384 * 28 * 28
-    # Text after the plan, "{answer}" = original_final_answer; "" = nothing: the assistant turn
-    # is the plan alone, as in the reference (its plans end with the answer).
-    c.data.answer_format = ""
-    c.data.batch_size = 8                # global batch per optimizer step
-    c.data.shuffle = True
-    c.data.worker_count = 2
-    c.data.drop_policy = "skip"          # "skip" (count + log) or "error"
-    c.data.drop_remainder = False
-    c.data.generate_records = 0          # adapter "maze" without train_path: mazes generated into the workdir
-    c.data.maze_sizes = (3, 6)           # grid sizes of generated mazes
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-5
-    c.optim.weight_decay = 0.01
-    c.optim.warmup_steps = 10
-    c.optim.schedule = "linear"
-    c.optim.clip_norm = 1.0
-    c.optim.grad_accum_steps = 8
-    c.optim.frozen = ("visual/.*",)      # regexes over parameter paths; the vision tower is frozen
-
-    c.train = ml_collections.ConfigDict()
-    c.train.num_epochs = 15
-    c.train.num_steps = -1               # > 0 overrides num_epochs
-    c.train.log_every = 10
-    c.train.checkpoint_every = 500
-    c.train.keep_checkpoints = 3         # the newest N checkpoints are kept (0 = all)
-    c.train.keep_best_metric = ""        # "", "loss", "ce" or "sim": also keep the lowest-metric checkpoint
-    c.train.async_checkpoints = True
-    c.train.nan_policy = "stop"          # "stop" or "skip" a step with a non-finite loss
-    c.train.init_from = ""               # stage 2: the stage-1 workdir (or workdir/checkpoints/STEP)
-    c.train.export_at_end = True         # write an HF directory of the final student
-    c.train.loss_normalization = "sample"  # "sample": the reference's per-sample mean; "token": HF token mean
-    # Stage 2: window widths (first text chunk, later chunks) of the KV-cached latent recurrence;
-    # 0 = the sequence length (always valid). Tight windows make stage 2 cost about one forward.
-    c.train.stage2_chunk_len = (0, 0)
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (1, -1, 1)            # (data, fsdp, tensor); -1 = all remaining devices
-    c.mesh.distributed = False           # call jax.distributed.initialize() (multi-host)
+    for key, default, _ in KEYS:
+        node = c
+        *parents, leaf = key.split(".")
+        for name in parents:
+            if name not in node:
+                node[name] = ml_collections.ConfigDict()
+            node = node[name]
+        node[leaf] = default(stage) if callable(default) else default
     return c
+
+
+def describe(c: ml_collections.ConfigDict) -> str:
+    """Every key with its value in ``c`` and what it means, one per line."""
+
+    def value(key):
+        node = c
+        for name in key.split("."):
+            node = node[name]
+        return node
+
+    rows = [(f"{key} = {value(key)!r}", doc) for key, _, doc in KEYS]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{left:<{width}}  # {doc}" for left, doc in rows)
 
 
 def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:

@@ -24,3 +24,8 @@ def _stage1():
 def get_config(arg: str | None = None):
     stage1 = _stage1()
     return stage1.apply_preset(stage1.base_config(stage=2), arg or "paper")
+
+
+def describe(c) -> str:
+    """Every key with its value and what it means (the keys are stage 1's)."""
+    return _stage1().describe(c)

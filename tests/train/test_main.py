@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -71,7 +72,9 @@ def test_unknown_keys_and_bad_types_are_rejected_in_process():
 
 def test_every_config_key_is_read_by_the_program():
     """Keys must mean something: each leaf key of every preset is read by the training loop."""
-    src = open(loop.__file__).read()
+    from ilvr_jax.train import run_model
+
+    src = open(loop.__file__).read() + open(run_model.__file__).read()
 
     def leaves(d, prefix=""):
         for k, v in d.items():
@@ -97,18 +100,46 @@ def test_unknown_override_key_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--config.ilvr.latnet_size=3",), "error: unknown config key 'ilvr.latnet_size'. Did you mean \"latent_size\""),
+    (("--config.ilvr.latnet_size=3",), "error: unknown config key 'ilvr.latnet_size'; did you mean 'ilvr.latent_size'?"),
+    # A name from another code base: the key whose documentation says what it is.
+    (("--config.optim.learning_rate=1e-4",), "error: unknown config key 'optim.learning_rate'; did you mean 'optim.lr'?"),
+    (("--config", "configs/stage1.py:debug", "--config.optimm.lr=1e-4"), "did you mean 'optim.lr'?"),
+    (("--config.train.nosuch=1",), "the keys under 'train' are async_checkpoints, checkpoint_every,"),
+    # Presets for other hardware on this CPU host.
+    (("--config=configs/stage1.py:v5p_8", "--config.model.init=tiny", "--config.data.adapter=maze"),
+     "error: mesh.distributed=True, but jax.distributed.initialize() found no multi-host cluster here"),
+    (("--config=configs/stage1.py:gpu_8", "--config.model.init=tiny", "--config.data.adapter=maze"),
+     "error: model.attn_impl='cudnn' needs NVIDIA GPUs, this host runs on cpu"),
     (("--config.ilvr.latent_size=abc",), "error: flag --config.ilvr.latent_size=abc"),
     (("--config=configs/stage1.py:nosuchpreset",), "unknown preset 'nosuchpreset'"),
     (("--config=configs/nosuchfile.py",), "error: --config: [Errno 2] No such file or directory"),
 ])
 def test_bad_flags_give_one_error_line(tmp_path, args, message):
     wd = str(tmp_path / "run")
-    p = subprocess.run(runs.main_cmd(wd, *args), cwd=runs.REPO, env=runs.env(), capture_output=True, text=True,
+    own_config = any(a == "--config" or a.startswith("--config=") for a in args)
+    cmd = [sys.executable, "-m", "ilvr_jax.main", *args, f"--workdir={wd}"] if own_config else runs.main_cmd(wd, *args)
+    p = subprocess.run(cmd, cwd=runs.REPO, env=runs.env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and message in p.stderr, p.stderr[-2000:]
     assert not os.path.exists(wd)
+
+
+def test_describe_prints_every_key_with_its_value_and_meaning():
+    p = subprocess.run([sys.executable, "-m", "ilvr_jax.main", f"--config={runs.STAGE2}:demo", "--describe"],
+                       cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = {line.split(" = ", 1)[0]: line for line in p.stdout.splitlines()}
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, prefix + k + ".") if hasattr(v, "items") else [prefix + k]
+
+    config = _config("demo", stage=2)
+    assert sorted(lines) == sorted(leaves(config))
+    assert "stage = 2 " in lines["stage"] and "# " in lines["stage"]
+    assert "optim.lr = 0.001 " in lines["optim.lr"] and "learning rate" in lines["optim.lr"]
+    assert all("(undocumented)" not in line and len(line.split("# ", 1)[1]) > 10 for line in lines.values())
 
 
 def test_bad_value_fails_with_one_message_before_any_work(tmp_path):
