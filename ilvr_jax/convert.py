@@ -2,9 +2,11 @@
 
     python -m ilvr_jax.convert from-hf --hf-dir HF_DIR --out CKPT [--dtype float32|bfloat16]
     python -m ilvr_jax.convert to-hf --checkpoint CKPT --out OUT_DIR [--tokenizer-dir HF_DIR]
-                                     [--dtype bfloat16|float32] [--teacher] [--layout ...]
+                                     [--dtype bfloat16|float32] [--teacher] [--layout ...] [--overwrite]
 
-``from-hf`` writes an orbax checkpoint holding the parameter tree and the model config.
+``from-hf`` writes an orbax checkpoint holding the parameter tree and the model config: a
+model to evaluate or export from JAX without reading safetensors again. Training does not
+need it (``model.hf_dir`` reads an HF directory directly).
 ``to-hf`` writes an HF directory that ``Qwen2_5_VLForConditionalGeneration.from_pretrained``
 loads, from either
 
@@ -13,7 +15,11 @@ loads, from either
   checkpoint), ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/STEP``. The model config
   comes from ``WORKDIR/model_config.json``, the tokenizer from ``WORKDIR/tokenizer`` (unless
   ``--tokenizer-dir``). The student is exported unless ``--teacher``: the momentum
-  teacher, whose frozen leaves (e.g. the vision tower) are the student's.
+  teacher, whose frozen leaves (e.g. the vision tower) are the student's. The export keeps
+  the source model's config.json fields and dtype (a bf16 download exports bf16 unless
+  ``--dtype``), and carries the run's processor settings and chat template.
+
+An existing ``--out`` is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -44,13 +50,22 @@ def to_hf(
     which: str = "student",
     layout: str = DEFAULT_EXPORT_LAYOUT,
     max_shard_bytes: int = 4 * 1024**3,
+    overwrite: bool = False,
 ) -> list[str]:
     """orbax checkpoint (parameters or a training run) -> HF directory; returns the shard
-    file names."""
+    file names. ``dtype=None``: the source model's dtype for a training run that started
+    from an HF directory, else as stored."""
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     if is_training_checkpoint(checkpoint):
+        from ilvr_jax.train import checkpoints as ckpt_lib
+        from ilvr_jax.train import run_model
+
         cfg, params, run_tokenizer = load_training_params(checkpoint, which)
-        return export_params_to_hf(params, cfg, out, tokenizer_dir or run_tokenizer, dtype=dtype, layout=layout,
-                                   max_shard_bytes=max_shard_bytes)
+        source = run_model.source_config(ckpt_lib.run_root(ckpt_lib.resolve_step_dir(checkpoint)))
+        return export_params_to_hf(params, cfg, out, tokenizer_dir or run_tokenizer,
+                                   dtype=dtype or run_model.source_dtype(source), layout=layout,
+                                   max_shard_bytes=max_shard_bytes, source_config=source)
     from ilvr_jax.checkpoint.orbax_io import restore_config, restore_params
 
     if not os.path.exists(checkpoint):
@@ -136,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="HF directory to write")
     b.add_argument("--tokenizer-dir", default=None,
                    help="copy tokenizer/processor files from here (training runs: WORKDIR/tokenizer)")
-    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: as stored")
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: the source model's dtype (training runs from an HF directory), else as stored")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b.add_argument("--teacher", action="store_true", help="export the momentum teacher of a training state")
     b.add_argument("--layout", default=DEFAULT_EXPORT_LAYOUT, choices=sorted(LAYOUTS), help="HF tensor names")
     b.add_argument("--max-shard-gb", type=float, default=4.0, help="largest shard file, GiB")
@@ -159,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.command == "from-hf":
+        if os.path.exists(args.out) and not args.overwrite:
+            raise FileExistsError(f"{args.out}: already exists (pass --overwrite to replace it)")
         path = from_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {path} ({time.time() - t0:.1f}s)")
     else:
@@ -170,6 +189,7 @@ def _run(args: argparse.Namespace) -> int:
             which="teacher" if args.teacher else "student",
             layout=args.layout,
             max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            overwrite=args.overwrite,
         )
         print(f"wrote {args.out}: {len(shards)} shard(s) ({time.time() - t0:.1f}s)")
         if args.tokenizer_dir is None and not is_training_checkpoint(args.checkpoint):

@@ -116,7 +116,12 @@ def test_cli_both_ways(tiny_dirs, tmp_path):
     for k in original:
         assert exported[k].tobytes() == original[k].tobytes(), k
 
+    # An existing export is not overwritten silently.
     r = _cli("to-hf", "--checkpoint", ckpt, "--out", out, "--dtype", "bfloat16")
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    kept = {k: v for s in shards for k, v in load_file(os.path.join(out, s)).items()}
+    assert all(kept[k].tobytes() == exported[k].tobytes() for k in exported)
+    r = _cli("to-hf", "--checkpoint", ckpt, "--out", out, "--dtype", "bfloat16", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert "no --tokenizer-dir" in r.stderr
     cfg_bf, p_bf = load_hf_params(out, dtype=ml_dtypes.bfloat16)
@@ -134,7 +139,7 @@ def test_cli_reports_bad_input_in_one_line(tiny_dir, tmp_path, capsys):
     assert main(["from-hf", "--hf-dir", tiny_dir, "--out", str(tmp_path / "ok")]) == 0
     assert main(["from-hf", "--hf-dir", tiny_dir, "--out", str(tmp_path / "ok")]) == 2
     err = capsys.readouterr().err
-    assert "ok: already exists" in err and "Traceback" not in err
+    assert "ok: already exists" in err and "--overwrite" in err and "Traceback" not in err
     assert main(["to-hf", "--checkpoint", str(tmp_path / "ok"), "--out", str(tmp_path / "hf"), "--teacher"]) == 2
     assert "holds no teacher" in capsys.readouterr().err
 
