@@ -105,7 +105,9 @@ def load_export(hf_dir: str | os.PathLike, *, dtype: str = "float32", device: st
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise FileNotFoundError(f"{hf_dir}: no config.json (not an HF model directory)")
     torch_dtype = getattr(torch, dtype)
-    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    # ``dtype`` since transformers 4.56; ``torch_dtype`` (deprecated there) before.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         hf_dir, use_safetensors=True, attn_implementation=attn_implementation, **{dtype_kw: torch_dtype})
     model = model.to(device).eval()

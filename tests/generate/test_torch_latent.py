@@ -5,6 +5,7 @@ computes the M-RoPE positions itself), and HF's own ``generate`` where no latent
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -32,23 +33,51 @@ def _image(height=56, width=84, seed=0):
     return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def exported_dir(tiny_dir, tmp_path_factory):
-    """The tiny model exported by ``save_hf`` with lm_head columns steered so that greedy
-    decoding emits ``<|latent_start|>`` now and then (its column copies a frequent token's,
-    scaled up), ``<|latent_end|>`` is the argmax at some pad steps, and ``<|im_end|>`` ends
-    some replies."""
+def _seeded_params(params):
+    """The tiny model's tree refilled from one NumPy seed (norm scales ~1, biases ~0), so the
+    weights, and hence the steered behaviour below, do not depend on torch's initialisers."""
+    import jax
+
+    rng = np.random.RandomState(0)
+
+    def draw(path, leaf):
+        x = rng.standard_normal(leaf.shape).astype(np.float32)
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            return 1.0 + 0.1 * x
+        return 0.1 * x if name.endswith("['bias']") else 0.05 * x
+
+    return jax.tree_util.tree_map_with_path(draw, params)
+
+
+def _export(tiny_dir, out_dir, steer: bool) -> str:
+    """The tiny model with seeded weights, exported by ``save_hf``. ``steer``: lm_head columns
+    set so that greedy decoding opens latent spans now and then (``<|latent_start|>``'s column
+    is a frequent token's, scaled up), ``<|latent_end|>`` is the argmax at some pad steps (its
+    column copies that of the usual pad-step argmax, id 417) and ``<|im_end|>`` ends the
+    replies. Unsteered, the model emits no latent token."""
     from ilvr_jax.checkpoint.hf import load_hf_params, save_hf
 
     cfg, params = load_hf_params(tiny_dir)
-    kernel = params["lm_head"]["kernel"].copy()  # [hidden, vocab]
-    kernel[:, cfg.latent_start_token_id] = kernel[:, 164] * 1.1
-    kernel[:, cfg.latent_end_token_id] = kernel[:, 449]
-    kernel[:, cfg.eos_token_id] = kernel[:, 481]
-    params = dict(params, lm_head={"kernel": kernel})
-    out = str(tmp_path_factory.mktemp("exported"))
-    save_hf(params, cfg, out, tokenizer_dir=tiny_dir)
-    return out
+    params = _seeded_params(params)
+    if steer:
+        kernel = params["lm_head"]["kernel"].copy()  # [hidden, vocab]
+        kernel[:, cfg.latent_start_token_id] = kernel[:, 13] * 1.1
+        kernel[:, cfg.latent_end_token_id] = kernel[:, 417]
+        kernel[:, cfg.eos_token_id] = kernel[:, 498]
+        params = dict(params, lm_head={"kernel": kernel})
+    save_hf(params, cfg, out_dir, tokenizer_dir=tiny_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def exported_dir(tiny_dir, tmp_path_factory):
+    return _export(tiny_dir, str(tmp_path_factory.mktemp("exported")), steer=True)
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tiny_dir, tmp_path_factory):
+    return _export(tiny_dir, str(tmp_path_factory.mktemp("plain")), steer=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +93,9 @@ def _hf_prompt(model, tokenizer, hf_dir, images):
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
     if images:
-        proc = transformers.Qwen2VLImageProcessorPil.from_pretrained(hf_dir)
+        # The slow (PIL) processor: ``Qwen2VLImageProcessorPil`` in transformers 5, ``Qwen2VLImageProcessor`` in 4.5x.
+        slow = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+        proc = slow.from_pretrained(hf_dir)
         out = proc(images=images, return_tensors="np")
         pix, grid = out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
         merge = model.config.vision_config.spatial_merge_size ** 2
@@ -74,6 +105,14 @@ def _hf_prompt(model, tokenizer, hf_dir, images):
     else:
         pix, grid = np.zeros((0, 1176), np.float32), np.zeros((0, 3), np.int64)
     return tokenizer(text, add_special_tokens=False)["input_ids"], pix, grid
+
+
+def _mm_types(model, ids):
+    """``mm_token_type_ids`` where the model takes it (transformers 5: without it HF uses 1-D
+    positions for image tokens too); 4.5x builds M-RoPE positions from the grid alone."""
+    if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"mm_token_type_ids": (ids == model.config.image_token_id).long()}
 
 
 def _naive_latent_generation(model, prompt_ids, pix, grid, lt, stops, max_new, latent_end_early):
@@ -94,7 +133,7 @@ def _naive_latent_generation(model, prompt_ids, pix, grid, lt, stops, max_new, l
                       output_hidden_states=True)
             if len(grid):
                 kw.update(pixel_values=torch.from_numpy(pix), image_grid_thw=torch.from_numpy(grid),
-                          mm_token_type_ids=(t == model.config.image_token_id).long())
+                          **_mm_types(model, t))
             model.model.rope_deltas = None
             out = model(**kw)
             logits, h = out.logits[0, -1], out.hidden_states[-1][0, -1]
@@ -175,23 +214,26 @@ def test_stops_at_im_end(exported):
     got = tl.generate_latent(model, tokenizer, QUESTION, [], image_config=image_config, max_new_tokens=MAX_NEW)
     assert got.token_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert len(got.token_ids) < MAX_NEW and got.text.endswith("<|im_end|>")
-    short = tl.generate_latent(model, tokenizer, QUESTION, [], image_config=image_config, max_new_tokens=23)
-    assert short.token_ids == got.token_ids[:23]  # cut inside a latent span, latents so far kept
-    assert short.latent_positions == [p for p in got.latent_positions if p < 23]
+    lt = tl.latent_tokens(model.config, tokenizer)
+    start = _spans(got.token_ids, lt)[-1][0]
+    cut = start + 3  # inside the last span: two pads generated, the latents so far kept
+    short = tl.generate_latent(model, tokenizer, QUESTION, [], image_config=image_config, max_new_tokens=cut)
+    assert short.token_ids == got.token_ids[:cut] and short.token_ids[-2:] == [lt.pad, lt.pad]
+    assert short.latent_positions == [p for p in got.latent_positions if p < cut]
+    np.testing.assert_array_equal(short.latents, got.latents[:len(short.latent_positions)])
 
 
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text_only"])
-def test_without_latents_equals_hf_generate(tiny_dir, with_image):
+def test_without_latents_equals_hf_generate(plain_dir, with_image):
     """The unsteered model emits no latent token: the result is plain greedy decoding."""
-    model, tokenizer, image_config = tl.load_export(tiny_dir)
+    model, tokenizer, image_config = tl.load_export(plain_dir)
     images = [_image(84, 56, seed=3)] if with_image else []
     got = tl.generate_latent(model, tokenizer, QUESTION, images, image_config=image_config, max_new_tokens=32)
-    prompt_ids, pix, grid = _hf_prompt(model, tokenizer, tiny_dir, images)
+    prompt_ids, pix, grid = _hf_prompt(model, tokenizer, plain_dir, images)
     ids = torch.tensor([prompt_ids])
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     if images:
-        kw.update(pixel_values=torch.from_numpy(pix), image_grid_thw=torch.from_numpy(grid),
-                  mm_token_type_ids=(ids == model.config.image_token_id).long())
+        kw.update(pixel_values=torch.from_numpy(pix), image_grid_thw=torch.from_numpy(grid), **_mm_types(model, ids))
     model.model.rope_deltas = None
     with torch.no_grad():
         want = model.generate(**kw, do_sample=False, max_new_tokens=32, min_new_tokens=0,
