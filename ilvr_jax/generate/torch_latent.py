@@ -168,7 +168,8 @@ class _Decoder:
             positions, delta = rope_index(ids, **kw)
             self.delta = int(delta.reshape(-1)[0])
             dtype = self.model.get_input_embeddings().weight.dtype
-            inputs.update(pixel_values=torch.from_numpy(pixel_values).to(dev, dtype), image_grid_thw=grid_t)
+            inputs.update(pixel_values=torch.from_numpy(np.asarray(pixel_values, np.float32)).to(dev, dtype),
+                          image_grid_thw=grid_t)
             if self.takes_mm_types:
                 inputs["mm_token_type_ids"] = mm_types
         else:
@@ -194,23 +195,42 @@ def generate_latent(
     images: Sequence = (),
     *,
     image_config: ImageProcessorConfig | None = None,
+    **kwargs: Any,
+) -> LatentGeneration:
+    """Greedy latent-mode generation for one question (see the module doc for the rules).
+
+    ``images``: the question images (PIL images or HxWx3 uint8 arrays) in record order;
+    ``kwargs``: those of :func:`generate_from_prompt`.
+    """
+    prompt_ids, pixel_values, grids = prompt_inputs(tokenizer, text_input, images,
+                                                    image_config or ImageProcessorConfig())
+    return generate_from_prompt(model, tokenizer, prompt_ids, pixel_values, grids, **kwargs)
+
+
+def generate_from_prompt(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    pixel_values: np.ndarray | None = None,
+    image_grid_thw: np.ndarray | None = None,
+    *,
     max_new_tokens: int = 4096,
     latent_end_early: bool = False,
     latent_size: int | None = None,
     stop_ids: Iterable[int] | None = None,
 ) -> LatentGeneration:
-    """Greedy latent-mode generation for one prompt (see the module doc for the rules).
-
-    ``images``: the question images (PIL images or HxWx3 uint8 arrays) in record order.
-    """
+    """Greedy latent-mode generation from prompt ids already built (``prompt_inputs``, or
+    the JAX side's ``generate.prompts.record_prompt``: the same ids and patches), with the
+    question images' patches [P, patch_dim] and grids [n, 3]."""
     import torch
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    image_config = image_config or ImageProcessorConfig()
     lt = latent_tokens(model.config, tokenizer, latent_size)
     stops = frozenset(stop_ids) if stop_ids is not None else stop_token_ids(model, tokenizer)
-    prompt_ids, pixel_values, grids = prompt_inputs(tokenizer, text_input, images, image_config)
+    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw)
+    if len(grids) and pixel_values is None:
+        raise ValueError(f"{len(grids)} image grids but no pixel_values")
 
     decoder = _Decoder(model)
     generated: list[int] = []
@@ -218,7 +238,7 @@ def generate_latent(
     latent_positions: list[int] = []
     in_span, pads = False, 0
     with torch.inference_mode():
-        logits, hidden = decoder.prefill(prompt_ids, pixel_values, grids)
+        logits, hidden = decoder.prefill(list(prompt_ids), pixel_values, grids)
         while True:
             feed = None
             if in_span:

@@ -4,23 +4,13 @@ computes the M-RoPE positions itself), and HF's own ``generate`` where no latent
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import os
-import sys
 
 import numpy as np
 import pytest
+import torch
 
-import ilvr_jax
-
-torch = pytest.importorskip("torch")  # torch is an optional dependency of the package
-
-_PATH = os.path.join(os.path.dirname(ilvr_jax.__file__), "generate", "torch_latent.py")
-_spec = importlib.util.spec_from_file_location("ilvr_jax_generate_torch_latent", _PATH)
-tl = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tl
-_spec.loader.exec_module(tl)
+from ilvr_jax.generate import torch_latent as tl
 
 QUESTION = "where is the hole"
 MAX_NEW = 48
@@ -254,8 +244,13 @@ def test_generate_records_from_directory(exported, exported_dir, tmp_path):
     (from_dir,) = tl.generate_records(exported_dir, [rec], max_new_tokens=20)
     direct = tl.generate_latent(model, tokenizer, QUESTION, [_image(seed=5)], image_config=image_config,
                                 max_new_tokens=20)
-    assert from_dir.token_ids == direct.token_ids
+    assert from_dir.token_ids == direct.token_ids and len(direct.latent_positions) > 0
     np.testing.assert_array_equal(from_dir.latents, direct.latents)
+    # Prompts built elsewhere (int32 ids, as the JAX side's record_prompt returns) give the same.
+    ids, pix, grids = tl.prompt_inputs(tokenizer, QUESTION, [_image(seed=5)], image_config)
+    from_ids = tl.generate_from_prompt(model, tokenizer, np.asarray(ids, np.int32), pix, grids.astype(np.int32),
+                                       max_new_tokens=20)
+    assert from_ids.token_ids == direct.token_ids
 
 
 def test_bad_input_messages(exported, tmp_path):
