@@ -8,6 +8,7 @@ from ilvr_jax.evaluate.scorers import (  # noqa: F401
     normalize_answer,
     option_letter,
     score,
+    score_all,
     score_comt,
     score_vsp,
     score_zebra,

@@ -9,7 +9,9 @@ output has none that can be read, and such an output is wrong.
 * ``comt``: option letters A-D. The last ``\\boxed{}`` decides if there is one; otherwise the
   last explicit answer phrase ("Answer: B", "the answer is (C)"), then the last "(B)" /
   "B." / "Option B", then a turn that is a bare letter. Compared with the letter read the
-  same way from the record's ``original_final_answer``.
+  same way from the record's ``original_final_answer``. (The released eval compares the
+  rest of the "answer:" line verbatim, so "Answer: B. because ..." is wrong there and right
+  here.)
 * ``vsp`` / ``maze``: the moves in the last ``\\boxed{}`` (``maze.parse_moves``) walked on
   the record's ``map_desc`` (``maze.simulate``): correct iff the walk reaches the goal
   without entering a hole or leaving the board. The released eval instead skips off-board
@@ -23,7 +25,7 @@ A record whose reference answer cannot be read raises ``ValueError`` naming the 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -226,3 +228,13 @@ def get_scorer(name: str) -> Scorer:
 def score(name: str, output: str, record: Mapping[str, Any]) -> Score:
     """``get_scorer(name)(output, record)``."""
     return get_scorer(name)(output, record)
+
+
+def score_all(name: str, outputs: Iterable[str], records: Iterable[Mapping[str, Any]]) -> tuple[float, list[Score]]:
+    """(accuracy, per-record scores) of paired outputs and records of data set ``name``."""
+    scorer = get_scorer(name)
+    outputs, records = list(outputs), list(records)
+    if len(outputs) != len(records):
+        raise ValueError(f"{len(outputs)} outputs for {len(records)} records")
+    scores = [scorer(out, rec) for out, rec in zip(outputs, records)]
+    return (sum(ok for _, ok in scores) / len(scores) if scores else 0.0), scores

@@ -211,3 +211,14 @@ def test_registry():
     assert scorers.score("comt", "\\boxed{B}", COMT) == ("B", True)
     with pytest.raises(ValueError, match=r"no scorer for data set 'mmlu'; known: comt, maze, vsp, zebra"):
         scorers.get_scorer("mmlu")
+
+
+def test_score_all():
+    outputs = ["\\boxed{B}", "Answer: C", "no idea"]
+    records = [COMT, {"original_final_answer": "C"}, COMT]
+    acc, scores = scorers.score_all("comt", outputs, records)
+    assert scores == [("B", True), ("C", True), (None, False)]
+    assert acc == pytest.approx(2 / 3)
+    assert scorers.score_all("zebra", [], []) == (0.0, [])
+    with pytest.raises(ValueError, match=r"2 outputs for 1 records"):
+        scorers.score_all("comt", ["a", "b"], [COMT])
