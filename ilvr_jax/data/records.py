@@ -62,6 +62,7 @@ class RecordError(ValueError):
     """A record that cannot be used. ``reason`` is a short code, ``where`` names the record."""
 
     def __init__(self, where: str, reason: str, detail: str):
+        detail = " ".join(str(detail).splitlines())  # one line per record in every report
         super().__init__(f"{where}: {detail} [{reason}]")
         self.where = where
         self.reason = reason
@@ -138,10 +139,11 @@ def _check_image(path: str, root, where: str, what: str, verify: bool) -> None:
         raise RecordError(where, MISSING_IMAGE, f"{what} {path!r} not found (resolved to {full!r})")
     try:
         with Image.open(full) as im:
-            # Opening parses the header only; verify() also reads (and checks) the data.
-            if verify:
-                im.verify()
+            # Opening parses the header only; load() decodes the data as building a batch does
+            # (PIL's verify() would not decode a JPEG, so a truncated one would pass).
             w, h = im.size
+            if verify:
+                im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise RecordError(where, UNREADABLE_IMAGE, f"{what} {path!r} is not a readable image: {e}") from None
     if w < 1 or h < 1:
@@ -164,7 +166,7 @@ def validate_record(
     "helper_image": str}``); optional ``id`` str/int, ``task`` str; ``helper_images`` (if
     present) equal to the latent steps' helper images; ``<image>`` placeholders in
     ``text_input``, if any, one per question image; with ``check_images`` every question and
-    helper image exists and PIL recognises it (``verify_images`` also reads its data).
+    helper image exists and PIL recognises it (``verify_images`` also decodes it in full).
     """
     if isinstance(rec, Mapping) and rec.get("id") is not None and "(id=" not in where:
         where = f"{where} (id={rec['id']})"

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ilvr_jax.data import processor as proc
-from ilvr_jax.data.records import IMAGE_PLACEHOLDERS, RecordError, resolve_image_path
+from ilvr_jax.data.records import IMAGE_PLACEHOLDERS, UNREADABLE_IMAGE, RecordError, resolve_image_path
 
 LATENT_PAD = "<|latent_pad|>"
 LATENT_START = "<|latent_start|>"
@@ -50,6 +50,7 @@ IGNORE = -100
 
 SPECIAL_IN_TEXT = "special_token_in_text"
 BAD_TOKENS = "bad_tokens"
+BAD_ASPECT = "bad_aspect"  # an image side more than 200 times the other (smart_resize refuses it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,8 @@ def _forbidden_strings(tokenizer) -> tuple[str, ...]:
 
 
 def check_text(rec: Mapping[str, Any], tokenizer, where: str) -> None:
-    """Record text must not contain control tokens (they would be tokenised as controls)."""
+    """Record text must not contain control tokens (they would be tokenised as controls): the
+    chat, vision and latent tokens, and the tokenizer's special tokens (``tokenizer`` may be None)."""
     texts = [("text_input", rec["text_input"]), ("original_final_answer", rec["original_final_answer"])]
     texts += [(f"sequence_plan[{i}]", s["content"]) for i, s in enumerate(rec["sequence_plan"]) if s["type"] == "text"]
     for name, text in texts:
@@ -215,9 +217,10 @@ class Sample:
 
 @dataclasses.dataclass(frozen=True)
 class SampleSize:
-    """What a record needs of the fixed batch shapes (computed without decoding pixels)."""
+    """What a record needs of the fixed batch shapes (computed without decoding pixels).
+    ``seq_len`` is the full length: prompt, image pads, plan with latent segments, closing tokens."""
 
-    seq_len: int
+    seq_len: int | None
     num_question_images: int
     question_patches: int
     num_segments: int
@@ -242,12 +245,15 @@ def measure_record(
     ids: SpecialIds | None = None,
     where: str = "<record>",
 ) -> SampleSize:
-    """Sequence length and patch counts of a record from image headers and the tokenizer."""
+    """Sequence length and patch counts of a record from image headers and the tokenizer
+    (``tokenizer`` None: patch counts only, ``seq_len`` None)."""
     q_grids = [proc.image_grid_thw(*_size(p, where), image_cfg) for p in question_paths(rec, root)]
     h_grids = [proc.image_grid_thw(*_size(p, where), image_cfg) for p in helper_paths(rec, root)]
-    tok = tokenize_record(rec, tokenizer, q_grids, fmt, ids=ids, where=where)
+    seq_len = None
+    if tokenizer is not None:
+        seq_len = len(tokenize_record(rec, tokenizer, q_grids, fmt, ids=ids, where=where).input_ids)
     return SampleSize(
-        seq_len=len(tok.input_ids),
+        seq_len=seq_len,
         num_question_images=len(q_grids),
         question_patches=sum(proc.num_patches(g) for g in q_grids),
         num_segments=len(h_grids),
@@ -259,9 +265,9 @@ def _size(path: str, where: str) -> tuple[int, int]:
     try:
         h, w = proc.image_size(path)
     except (OSError, ValueError) as e:
-        raise RecordError(where, "unreadable_image", f"cannot read image {path!r}: {e}") from None
+        raise RecordError(where, UNREADABLE_IMAGE, f"cannot read image {path!r}: {e}") from None
     if max(h, w) / min(h, w) > 200:
-        raise RecordError(where, "bad_aspect", f"image {path!r} is {w}x{h}: aspect ratio above 200")
+        raise RecordError(where, BAD_ASPECT, f"image {path!r} is {w}x{h}: aspect ratio above 200")
     return h, w
 
 
@@ -283,8 +289,8 @@ def build_sample(
         for p in paths:
             try:
                 images.append(image_loader(p))
-            except (OSError, ValueError) as e:
-                raise RecordError(where, "unreadable_image", f"cannot read image {p!r}: {e}") from None
+            except (OSError, ValueError, SyntaxError) as e:  # PIL reports some broken files as SyntaxError
+                raise RecordError(where, UNREADABLE_IMAGE, f"cannot read image {p!r}: {e}") from None
         return proc.preprocess_images(images, image_cfg)
 
     q_pv, q_grid = load_all(question_paths(rec, root))
