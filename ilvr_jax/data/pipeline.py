@@ -2,8 +2,9 @@
 
 Data flow::
 
-    JSONL files --read+validate--> records --measure (headers + tokenizer)--> fit check
-        --> global batch plan per epoch (seeded shuffle, length buckets)
+    JSONL files --read--> records --checks.RecordChecker (validate, measure, fit)--> sizes
+        --> buckets (lengths and patch budgets, given or derived from the sizes)
+        --> global batch plan per epoch (seeded shuffle, one bucket per batch)
         --> this process's slice of each global batch
         --> grain MapDataset[batch index] .map(build batch: decode, preprocess, tokenise, pad)
         --> to_iter_dataset (threads) --> mp_prefetch (worker processes) --> BatchIterator
@@ -13,7 +14,11 @@ Data flow::
   every process, independent of the worker count, and the drop counts are exact.
 * Bad records (invalid, unreadable, too long, too many patches/segments/images) are raised or
   skipped and counted per reason before training starts (``DataConfig.drop_policy``): nothing
-  of the wrong shape reaches jit.
+  of the wrong shape reaches jit. ``validate`` runs the same checks (``checks.py``).
+* A record that fails while its batch is built (an image corrupt past its header, a file
+  changed since indexing) leaves its slot as padding; the iterator counts it in ``drops``
+  once (not once per epoch) or, under drop_policy "error", raises its ``RecordError``
+  in the main process: one line naming the record and the reason, wherever the batch was built.
 * A global batch has ``batch_size * process_count`` slots, all of one length bucket; process
   ``p`` takes slots ``[p*B, (p+1)*B)``, so every process sees the same shapes at the same step
   and the processes' records are disjoint and together cover the epoch.
@@ -26,7 +31,7 @@ Data flow::
   would have come next. The fingerprint leaves out absolute paths, so a moved or copied data
   directory (or workdir) restores.
 
-Batch (numpy, per process, B = ``batch_size``, S = bucket length)::
+Batch (numpy, per process, B = ``batch_size``; S, Pq, Ph = the bucket's length and patch budgets)::
 
     input_ids [B,S] int32 (pad: <|endoftext|>), attention_mask [B,S] int32, labels [B,S] int32,
     pixel_values [B,Pq,patch_dim] f32, image_grid_thw [B,Iq,3] i32,
@@ -53,21 +58,29 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
+from ilvr_jax.data import buckets as bucket_lib
+from ilvr_jax.data import checks
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data import records as rec_lib
 from ilvr_jax.data import segments as seg_lib
 from ilvr_jax.data import workers
 from ilvr_jax.data.adapters import relative_paths
+from ilvr_jax.data.buckets import AUTO, Bucket
+from ilvr_jax.data.checks import (  # noqa: F401 (the drop reasons of the fit check)
+    TOO_LONG,
+    TOO_MANY_HELPER_PATCHES,
+    TOO_MANY_QUESTION_IMAGES,
+    TOO_MANY_QUESTION_PATCHES,
+    TOO_MANY_SEGMENTS,
+)
 from ilvr_jax.data.records import DropPolicy, RecordError
 
 logger = logging.getLogger(__name__)
 
-# Drop reasons of the fit check.
-TOO_LONG = "too_long"
-TOO_MANY_QUESTION_IMAGES = "too_many_question_images"
-TOO_MANY_QUESTION_PATCHES = "too_many_question_patches"
-TOO_MANY_SEGMENTS = "too_many_segments"
-TOO_MANY_HELPER_PATCHES = "too_many_helper_patches"
+# A record whose file changed between indexing and building its batch.
+CHANGED_SINCE_INDEXING = "changed_since_indexing"
+# Batch key (removed by the iterator) carrying the records that failed to build.
+_FAILURES_KEY = "_failed_records"
 
 THROUGHPUT_KEYS = ("worker_count", "worker_buffer_size", "read_threads", "prefetch")
 
@@ -75,6 +88,11 @@ BATCH_KEYS = (
     "input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "helper_pixel_values",
     "helper_grid_thw", "latent_starts", "segment_mask", "assistant_start", "sample_mask",
 )
+BATCH_DTYPES = {
+    "input_ids": np.int32, "attention_mask": np.int32, "labels": np.int32, "pixel_values": np.float32,
+    "image_grid_thw": np.int32, "helper_pixel_values": np.float32, "helper_grid_thw": np.int32,
+    "latent_starts": np.int32, "segment_mask": np.bool_, "assistant_start": np.int32, "sample_mask": np.bool_,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +101,19 @@ class DataConfig:
 
     Shapes
       batch_size: samples per batch *per process* (the global batch is batch_size * process_count).
-      max_length: sequence length S when ``buckets`` is None; records longer are dropped ("too_long").
-      buckets: sorted sequence lengths; a record goes to the smallest bucket >= its length, a
-        batch holds records of one bucket and is padded to that length (one compiled shape per
-        bucket). The largest bucket is the length limit. None = one bucket of ``max_length``.
+      max_length: the longest sequence (full length: image pads and latent segments included);
+        records longer are dropped ("too_long"). The one length S when ``buckets`` is None.
+      buckets: sequence-length buckets; a record goes to the smallest bucket >= its length, a
+        batch holds records of one bucket and is padded to its shapes (one compiled program per
+        bucket). Sorted lengths (the largest is then the length limit), "auto" (derived from
+        the records: the powers of two from 64 up to max_length that hold records, the last
+        one max_length; see buckets.py), or None = one bucket of ``max_length``.
+      bucket_patches: the patch rows (Pq, Ph) of each bucket's batches. None = max_question_patches
+        / max_helper_patches for every bucket; "auto" = per bucket the largest question and
+        helper patch totals of its records rounded up to a multiple of 64, at most those maxima;
+        or one (question, helper) pair per bucket (multiples of 4; a record then goes to the
+        smallest bucket whose length and budgets hold it). ``DataPipeline.buckets`` holds the
+        resolved shapes, ``batch_shapes()`` the arrays of each.
       max_question_images: Iq, rows of ``image_grid_thw``.
       max_question_patches: Pq, rows of ``pixel_values`` (question images of a sample together).
       max_helper_patches: Ph, rows of ``helper_pixel_values`` (all helper images of a sample).
@@ -118,7 +145,8 @@ class DataConfig:
 
     batch_size: int = 1
     max_length: int = 4096
-    buckets: tuple[int, ...] | None = None
+    buckets: tuple[int, ...] | Literal["auto"] | None = None
+    bucket_patches: tuple[tuple[int, int], ...] | Literal["auto"] | None = None
     max_question_images: int = 1
     max_question_patches: int = 4096
     max_helper_patches: int = 8192
@@ -142,7 +170,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.buckets is not None:
+        if isinstance(self.buckets, str):
+            if self.buckets != AUTO:
+                raise ValueError(f"buckets must be 'auto', None or lengths, got {self.buckets!r}")
+        elif self.buckets is not None:
             b = tuple(int(x) for x in self.buckets)
             if not b or list(b) != sorted(set(b)) or b[0] < 1:
                 raise ValueError(f"buckets must be strictly increasing positive lengths, got {self.buckets}")
@@ -150,6 +181,21 @@ class DataConfig:
         for name in ("max_question_patches", "max_helper_patches"):
             if getattr(self, name) % 4:
                 raise ValueError(f"{name} must be a multiple of 4 (one 2x2 merge group), got {getattr(self, name)}")
+        if isinstance(self.bucket_patches, str):
+            if self.bucket_patches != AUTO:
+                raise ValueError(f"bucket_patches must be 'auto', None or (question, helper) pairs, "
+                                 f"got {self.bucket_patches!r}")
+        elif self.bucket_patches is not None:
+            pairs = tuple((int(q), int(h)) for q, h in self.bucket_patches)
+            n_buckets = 1 if self.buckets is None else len(self.buckets) if self.buckets != AUTO else None
+            if n_buckets != len(pairs):
+                raise ValueError(f"bucket_patches needs one (question, helper) pair per bucket of explicit "
+                                 f"buckets, got {len(pairs)} pairs for buckets={self.buckets!r}")
+            for q, h in pairs:
+                if q % 4 or h % 4 or not 0 <= q <= self.max_question_patches or not 0 <= h <= self.max_helper_patches:
+                    raise ValueError(f"bucket_patches ({q}, {h}) must be multiples of 4 within max_question_patches "
+                                     f"{self.max_question_patches} / max_helper_patches {self.max_helper_patches}")
+            object.__setattr__(self, "bucket_patches", pairs)
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
         if self.drop_policy not in ("error", "skip"):
@@ -158,9 +204,18 @@ class DataConfig:
             raise ValueError("worker_count, max_segments and max_question_images must be >= 0")
 
     @property
-    def lengths(self) -> tuple[int, ...]:
-        """The sequence lengths batches are padded to."""
-        return self.buckets if self.buckets is not None else (self.max_length,)
+    def length_limit(self) -> int:
+        """The longest record kept: the largest explicit bucket, else max_length."""
+        return self.buckets[-1] if isinstance(self.buckets, tuple) else self.max_length
+
+    @property
+    def limits(self) -> checks.RecordLimits:
+        """What a record may need of the batch shapes (the fit check of ``checks.py``)."""
+        return checks.RecordLimits(
+            max_length=self.length_limit, max_question_images=self.max_question_images,
+            max_question_patches=self.max_question_patches, max_segments=self.max_segments,
+            max_helper_patches=self.max_helper_patches,
+        )
 
     @property
     def sequence_format(self) -> seg_lib.SequenceFormat:
@@ -172,7 +227,10 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["buckets"] = list(self.buckets) if self.buckets is not None else None
+        if isinstance(self.buckets, tuple):
+            d["buckets"] = list(self.buckets)
+        if isinstance(self.bucket_patches, tuple):
+            d["bucket_patches"] = [list(p) for p in self.bucket_patches]
         return d
 
     @classmethod
@@ -183,8 +241,10 @@ class DataConfig:
         if unknown:
             raise ValueError(f"unknown data config keys: {unknown}")
         d = dict(d)
-        if d.get("buckets") is not None:
+        if isinstance(d.get("buckets"), (list, tuple)):
             d["buckets"] = tuple(d["buckets"])
+        if isinstance(d.get("bucket_patches"), (list, tuple)):
+            d["bucket_patches"] = tuple(tuple(p) for p in d["bucket_patches"])
         return cls(**d)
 
 
@@ -229,56 +289,47 @@ class IndexedRecord:
     line: int | None = None
 
 
-def _fit_error(size: seg_lib.SampleSize, cfg: DataConfig, where: str) -> RecordError | None:
-    checks = (
-        (size.seq_len > cfg.lengths[-1], TOO_LONG, f"{size.seq_len} tokens > {cfg.lengths[-1]}"),
-        (size.num_question_images > cfg.max_question_images, TOO_MANY_QUESTION_IMAGES,
-         f"{size.num_question_images} question images > {cfg.max_question_images}"),
-        (size.question_patches > cfg.max_question_patches, TOO_MANY_QUESTION_PATCHES,
-         f"{size.question_patches} question patches > {cfg.max_question_patches}"),
-        (size.num_segments > cfg.max_segments, TOO_MANY_SEGMENTS,
-         f"{size.num_segments} latent segments > {cfg.max_segments}"),
-        (size.helper_patches > cfg.max_helper_patches, TOO_MANY_HELPER_PATCHES,
-         f"{size.helper_patches} helper patches > {cfg.max_helper_patches}"),
-    )
-    for bad, reason, detail in checks:
-        if bad:
-            return RecordError(where, reason, f"does not fit the batch shapes: {detail}")
-    return None
-
-
 def index_records(
     located: Iterable[rec_lib.LocatedRecord],
     tokenizer,
     cfg: DataConfig,
     policy: DropPolicy,
     image_cfg: proc.ImageProcessorConfig | None = None,
-) -> list[IndexedRecord]:
-    """Validates, measures and fit-checks records; bad ones go to ``policy`` (raise or count)."""
-    image_cfg = cfg.image_config(image_cfg)
-    fmt = cfg.sequence_format
-    ids = seg_lib.SpecialIds.from_tokenizer(tokenizer)
-    out = []
+) -> tuple[list[IndexedRecord], tuple[Bucket, ...]]:
+    """Checks and measures records (``checks.RecordChecker``), resolves the buckets and puts each
+    record in one; bad records go to ``policy`` (raise or count). Returns (records, buckets)."""
+    checker = checks.RecordChecker(tokenizer, cfg.image_config(image_cfg), cfg.sequence_format, cfg.limits,
+                                   check_images=cfg.check_images, verify_images=cfg.verify_images)
+    kept = []
     for loc in located:
         try:
-            rec = rec_lib.validate_located(loc, check_images=cfg.check_images, verify_images=cfg.verify_images)
-            size = seg_lib.measure_record(rec, loc.root, tokenizer, image_cfg, fmt, ids=ids, where=loc.where)
-            err = _fit_error(size, cfg, loc.where)
-            if err is not None:
-                raise err
+            rec, size = checker.check(loc)
         except RecordError as e:
             policy.handle(e)
             continue
-        bucket = bisect.bisect_left(cfg.lengths, size.seq_len)
-        out.append(IndexedRecord(rec, loc.where, loc.root, size, bucket, loc.source, loc.line))
-    return out
+        kept.append((loc, rec, size))
+    buckets, assigned = bucket_lib.resolve([size for _, _, size in kept], cfg.length_limit, cfg.max_question_patches,
+                                           cfg.max_helper_patches, cfg.buckets, cfg.bucket_patches)
+    out = []
+    for (loc, rec, size), b in zip(kept, assigned):
+        if b is None:  # only with explicit bucket_patches: no bucket holds both its length and patches
+            reason = checks.TOO_MANY_QUESTION_PATCHES if not any(
+                bk.length >= size.seq_len and bk.question_patches >= size.question_patches for bk in buckets
+            ) else checks.TOO_MANY_HELPER_PATCHES
+            policy.handle(RecordError(loc.where, reason, f"no bucket of {[dataclasses.astuple(bk) for bk in buckets]} "
+                                      f"holds {size.seq_len} tokens, {size.question_patches} question and "
+                                      f"{size.helper_patches} helper patches"))
+            continue
+        out.append(IndexedRecord(rec, loc.where, loc.root, size, b, loc.source, loc.line))
+    return out, buckets
 
 
-def pipeline_fingerprint(items: Sequence[IndexedRecord], cfg: DataConfig, process_index: int,
-                         process_count: int) -> str:
+def pipeline_fingerprint(items: Sequence[IndexedRecord], buckets: Sequence[Bucket], cfg: DataConfig,
+                         process_index: int, process_count: int) -> str:
     """Hash of everything that decides the batches: the config (less the throughput knobs),
-    the process layout, and per record in order its file base name and line, its content with
-    image paths relative to its root, and its measured size (token count, patch counts).
+    the process layout, the resolved bucket shapes, and per record in order its file base name
+    and line, its content with image paths relative to its root, its measured size (token
+    count, patch counts) and its bucket.
 
     Absolute locations are left out, so a data directory that is moved or copied (JSONL and
     images together) restores a saved iterator state; any change of content, order, image
@@ -289,6 +340,7 @@ def pipeline_fingerprint(items: Sequence[IndexedRecord], cfg: DataConfig, proces
     order_cfg = {k: v for k, v in cfg.to_dict().items() if k not in THROUGHPUT_KEYS}
     h.update(json.dumps(order_cfg, sort_keys=True).encode())
     h.update(json.dumps([process_index, process_count]).encode())
+    h.update(json.dumps([dataclasses.astuple(b) for b in buckets]).encode())
     for it in items:
         # Absolute image paths below the root become relative to it, as relative ones already are.
         rec = relative_paths(it.record, it.root) if it.root is not None else it.record
@@ -304,13 +356,15 @@ class BatchPlan:
     its slots are record indices (-1 = padding sample).
     """
 
-    def __init__(self, buckets: Sequence[int], cfg: DataConfig, process_index: int, process_count: int):
+    def __init__(self, buckets: Sequence[int], num_buckets: int, cfg: DataConfig, process_index: int,
+                 process_count: int):
         self.buckets = np.asarray(buckets, dtype=np.int64)
+        self.num_buckets = num_buckets
         self.cfg = cfg
         self.process_index = process_index
         self.process_count = process_count
         self.global_batch = cfg.batch_size * process_count
-        counts = np.bincount(self.buckets, minlength=len(cfg.lengths)) if len(self.buckets) else np.zeros(1, int)
+        counts = np.bincount(self.buckets, minlength=max(1, num_buckets)) if len(self.buckets) else np.zeros(1, int)
         per_bucket = counts // self.global_batch if cfg.drop_remainder else -(-counts // self.global_batch)
         self.batches_per_epoch = int(per_bucket.sum())
         self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
@@ -409,29 +463,35 @@ def pad_sample_into(batch: dict[str, np.ndarray], row: int, sample: seg_lib.Samp
     batch["sample_mask"][row] = True
 
 
-def empty_batch(cfg: DataConfig, seq_len: int, pad_id: int, patch_dim: int) -> dict[str, np.ndarray]:
-    """All-padding batch arrays of the contract layout."""
-    b, m = cfg.batch_size, cfg.max_segments
+def batch_shapes(cfg: DataConfig, bucket: Bucket, patch_dim: int) -> dict[str, tuple[int, ...]]:
+    """The array shapes of a batch of ``bucket`` (dtypes: ``BATCH_DTYPES``)."""
+    b, m, s = cfg.batch_size, cfg.max_segments, bucket.length
     return {
-        "input_ids": np.full((b, seq_len), pad_id, np.int32),
-        "attention_mask": np.zeros((b, seq_len), np.int32),
-        "labels": np.full((b, seq_len), seg_lib.IGNORE, np.int32),
-        "pixel_values": np.zeros((b, cfg.max_question_patches, patch_dim), np.float32),
-        "image_grid_thw": np.zeros((b, cfg.max_question_images, 3), np.int32),
-        "helper_pixel_values": np.zeros((b, cfg.max_helper_patches, patch_dim), np.float32),
-        "helper_grid_thw": np.zeros((b, m, 3), np.int32),
-        "latent_starts": np.zeros((b, m), np.int32),
-        "segment_mask": np.zeros((b, m), bool),
-        "assistant_start": np.zeros((b,), np.int32),
-        "sample_mask": np.zeros((b,), bool),
+        "input_ids": (b, s), "attention_mask": (b, s), "labels": (b, s),
+        "pixel_values": (b, bucket.question_patches, patch_dim), "image_grid_thw": (b, cfg.max_question_images, 3),
+        "helper_pixel_values": (b, bucket.helper_patches, patch_dim), "helper_grid_thw": (b, m, 3),
+        "latent_starts": (b, m), "segment_mask": (b, m), "assistant_start": (b,), "sample_mask": (b,),
     }
 
 
-class _BatchBuilder(grain.transforms.Map):
-    """(global index, bucket, record indices) -> padded batch dict. Runs in worker processes."""
+def empty_batch(cfg: DataConfig, bucket: Bucket, pad_id: int, patch_dim: int) -> dict[str, np.ndarray]:
+    """All-padding batch arrays of the contract layout in the shapes of ``bucket``."""
+    fill = {"input_ids": pad_id, "labels": seg_lib.IGNORE}
+    return {k: np.full(shape, fill.get(k, 0), BATCH_DTYPES[k])
+            for k, shape in batch_shapes(cfg, bucket, patch_dim).items()}
 
-    def __init__(self, items: list[IndexedRecord], tokenizer, cfg: DataConfig, image_cfg: proc.ImageProcessorConfig):
+
+class _BatchBuilder(grain.transforms.Map):
+    """(global index, bucket, record indices) -> padded batch dict. Runs in worker processes.
+
+    Records that fail to build stay padding; they travel with the batch under ``_FAILURES_KEY``
+    (JSON ``[[record index, reason, detail], ...]``) for the iterator to count or raise, so no
+    exception crosses grain's threads and processes."""
+
+    def __init__(self, items: list[IndexedRecord], buckets: Sequence[Bucket], tokenizer, cfg: DataConfig,
+                 image_cfg: proc.ImageProcessorConfig):
         self.items = items
+        self.buckets = tuple(buckets)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.image_cfg = image_cfg
@@ -440,26 +500,29 @@ class _BatchBuilder(grain.transforms.Map):
 
     def map(self, element):
         _, bucket, idx = element
-        batch = empty_batch(self.cfg, self.cfg.lengths[bucket], self.ids.pad, self.image_cfg.patch_dim)
+        batch = empty_batch(self.cfg, self.buckets[bucket], self.ids.pad, self.image_cfg.patch_dim)
+        failures = []
         for row, k in enumerate(idx):
             if k < 0:
                 continue
             item = self.items[int(k)]
             try:
+                # Fails only for files corrupt past their header (verify_images catches those at
+                # indexing) or changed since indexing.
                 sample = seg_lib.build_sample(
                     item.record, item.root, self.tokenizer, self.image_cfg, self.fmt, ids=self.ids, where=item.where
                 )
+                got = (len(sample.input_ids), len(sample.pixel_values), len(sample.helper_pixel_values))
+                want = (item.size.seq_len, item.size.question_patches, item.size.helper_patches)
+                if got != want:
+                    raise RecordError(item.where, CHANGED_SINCE_INDEXING,
+                                      f"(tokens, question patches, helper patches) {got} differ from {want} "
+                                      "measured at indexing: a file changed")
             except RecordError as e:
-                # Only possible for files that changed or are corrupt past their header since
-                # loading (set verify_images to catch those up front). The slot stays padding.
-                if self.cfg.drop_policy == "error":
-                    raise
-                logger.warning("record failed while building a batch, slot left as padding: %s", e)
+                failures.append([int(k), e.reason, e.detail])
                 continue
-            if len(sample.input_ids) != item.size.seq_len or len(sample.pixel_values) != item.size.question_patches \
-                    or len(sample.helper_pixel_values) != item.size.helper_patches:
-                raise RuntimeError(f"{item.where}: sample differs from its measured size (file changed?)")
             pad_sample_into(batch, row, sample)
+        batch[_FAILURES_KEY] = json.dumps(failures)
         return batch
 
 
@@ -486,11 +549,19 @@ class BatchIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         it = self._ensure()
         batch = next(it)
+        failures = json.loads(batch.pop(_FAILURES_KEY))
+        if self._pipeline.cfg.worker_count > 0:
+            # Own copies: the shared-memory segments of grain's workers are released right away
+            # instead of living as long as the caller keeps the batch.
+            batch = {k: np.array(v) for k, v in batch.items()}
+        for k, reason, detail in failures:
+            self._pipeline.record_build_failure(k, RecordError(self._pipeline.items[k].where, reason, detail))
         self._next += 1
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"next_batch": self._next, "fingerprint": self._pipeline.fingerprint}
+        return {"next_batch": self._next, "fingerprint": self._pipeline.fingerprint,
+                "failed_records": self._pipeline.failed_records()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self._pipeline.fingerprint:
@@ -499,6 +570,9 @@ class BatchIterator(grain.DatasetIterator):
             )
         self.close()
         self._next = int(state["next_batch"])
+        for k, reason, detail in state.get("failed_records", []):
+            self._pipeline.record_build_failure(k, RecordError(self._pipeline.items[k].where, reason, detail),
+                                                restoring=True)
 
     def start_prefetch(self) -> None:
         self._ensure()
@@ -540,12 +614,15 @@ class DataPipeline:
         self.image_cfg = cfg.image_config(image_cfg)
         self.process_index, self.process_count = resolve_process(process_index, process_count)
         self.policy = DropPolicy(cfg.drop_policy)
-        self.items = index_records(located, self.tokenizer, cfg, self.policy, self.image_cfg)
+        self.items, self.buckets = index_records(located, self.tokenizer, cfg, self.policy, self.image_cfg)
         if self.policy.counter.total:
             logger.warning("%s", self.policy.counter.summary())
-        self.plan = BatchPlan([it.bucket for it in self.items], cfg, self.process_index, self.process_count)
-        self.fingerprint = pipeline_fingerprint(self.items, cfg, self.process_index, self.process_count)
-        self._builder = _BatchBuilder(self.items, self.tokenizer, cfg, self.image_cfg)
+        self.plan = BatchPlan([it.bucket for it in self.items], len(self.buckets), cfg, self.process_index,
+                              self.process_count)
+        self.fingerprint = pipeline_fingerprint(self.items, self.buckets, cfg, self.process_index,
+                                                self.process_count)
+        self._builder = _BatchBuilder(self.items, self.buckets, self.tokenizer, cfg, self.image_cfg)
+        self._failed: dict[int, RecordError] = {}  # record index -> why building its sample failed
 
     @classmethod
     def from_jsonl(
@@ -579,6 +656,26 @@ class DataPipeline:
     def num_records(self) -> int:
         return len(self.items)
 
+    def record_build_failure(self, index: int, err: RecordError, *, restoring: bool = False) -> None:
+        """A record that failed while its batch was built: counted in ``drops`` the first time
+        (its slot stays padding in later epochs too), or raised under drop_policy "error"."""
+        if index in self._failed:
+            return
+        self._failed[index] = err
+        if restoring:  # counted before the state was saved
+            self.policy.counter.add(err)
+        else:
+            self.policy.handle(err)
+
+    def failed_records(self) -> list[list]:
+        """[[record index, reason, detail], ...] of the records that failed to build so far."""
+        return [[k, e.reason, e.detail] for k, e in sorted(self._failed.items())]
+
+    def batch_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """Per bucket, the shape of every batch array (dtypes: ``BATCH_DTYPES``): the distinct
+        shapes the training step is called with, one compiled program each."""
+        return [batch_shapes(self.cfg, b, self.image_cfg.patch_dim) for b in self.buckets]
+
     def dataset(self, start: int = 0) -> grain.IterDataset:
         """The grain pipeline from global batch ``start`` on."""
         ds = grain.MapDataset.source(_PlanSource(self.plan, start)).map(self._builder)
@@ -608,13 +705,16 @@ class DataPipeline:
         return it
 
     def describe(self) -> dict[str, Any]:
-        """Counts for the run log."""
-        per_bucket = np.bincount(self.plan.buckets, minlength=len(self.cfg.lengths)).tolist() if self.items else []
+        """Counts and shapes for the run log: records, drops per reason, batches per epoch and
+        per bucket its shapes (length, question / helper patch rows) and record count."""
+        per_bucket = np.bincount(self.plan.buckets, minlength=len(self.buckets)).tolist() if self.items else \
+            [0] * len(self.buckets)
         return {
             "records": self.num_records,
             "dropped": self.drops.as_dict(),
             "batches_per_epoch": self.plan.batches_per_epoch,
-            "records_per_bucket": dict(zip(self.cfg.lengths, per_bucket)),
+            "buckets": [dict(dataclasses.asdict(b), records=n) for b, n in zip(self.buckets, per_bucket)],
+            "records_per_bucket": {b.length: n for b, n in zip(self.buckets, per_bucket)},
             "process": [self.process_index, self.process_count],
         }
 

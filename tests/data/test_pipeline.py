@@ -384,3 +384,144 @@ def test_config_defaults_follow_the_reference():
     assert (img.min_pixels, img.max_pixels) == (3136, 12845056)
     assert P.smart_resize(4000, 4000, 28, cfg.min_pixels, cfg.max_pixels) == (3584, 3584)
     assert PL.DataConfig(answer_format="\n{answer}").sequence_format.answer_format == "\n{answer}"
+
+
+def _expected_bucket_shapes(pipe, max_q, max_h):
+    """Per record, the (S, Pq, Ph) the task defines: the smallest power of two >= 64 (capped at
+    max_length) that holds it, and its bucket's largest patch totals rounded up to 64."""
+    limit = pipe.cfg.max_length
+    def length_of(n):
+        s = 64
+        while s < n and s < limit:
+            s *= 2
+        return min(s, limit)
+    lengths = [length_of(it.size.seq_len) for it in pipe.items]
+    budget = {}
+    for s, it in zip(lengths, pipe.items):
+        q, h = budget.get(s, (0, 0))
+        budget[s] = (max(q, it.size.question_patches), max(h, it.size.helper_patches))
+    up = lambda n, cap: min(cap, max(64, -(-n // 64) * 64))  # noqa: E731
+    return [(s, up(budget[s][0], max_q), up(budget[s][1], max_h)) for s in lengths]
+
+
+def test_auto_buckets_and_patch_budgets(data_dir, tokenizer):
+    pipe = make(data_dir, tokenizer, buckets="auto", bucket_patches="auto", max_question_patches=512,
+                max_helper_patches=512)
+    expected = _expected_bucket_shapes(pipe, 512, 512)
+    assert len(set(expected)) >= 2  # the fixture spans several buckets
+    assert [(b.length, b.question_patches, b.helper_patches) for b in pipe.buckets] == sorted(set(expected))
+    assert pipe.num_records == N_RECORDS and pipe.drops.total == 0
+    shapes = pipe.batch_shapes()
+    assert [s["input_ids"][1] for s in shapes] == [b.length for b in pipe.buckets]
+    seen = set()
+    by_ids = {}
+    for b in pipe.iterator():
+        shape = (b["input_ids"].shape[1], b["pixel_values"].shape[1], b["helper_pixel_values"].shape[1])
+        bucket = [(x.length, x.question_patches, x.helper_patches) for x in pipe.buckets].index(shape)
+        assert {k: v.shape for k, v in b.items()} == shapes[bucket]
+        assert all(b[k].dtype == PL.BATCH_DTYPES[k] for k in b)
+        for r in range(2):
+            if b["sample_mask"][r]:
+                by_ids[b["input_ids"][r, :int(b["attention_mask"][r].sum())].tobytes()] = shape
+        seen.add(shape)
+    assert seen == set(expected)
+    # every record's batch shape is its bucket's, and none is missing
+    assert len(by_ids) == N_RECORDS
+    for it, want in zip(pipe.items, expected):
+        s = S.build_sample(it.record, it.root, tokenizer, pipe.image_cfg, pipe.cfg.sequence_format)
+        assert by_ids[s.input_ids.tobytes()] == want
+    info = pipe.describe()
+    assert [b["records"] for b in info["buckets"]] == [expected.count(sh) for sh in sorted(set(expected))]
+    assert [(b["length"], b["question_patches"], b["helper_patches"]) for b in info["buckets"]] == sorted(set(expected))
+
+
+def test_paper_maxima_on_small_records_build_small_batches(data_dir, tokenizer):
+    paper = dict(max_length=32768, max_question_patches=16384, max_helper_patches=16384)
+    pipe = make(data_dir, tokenizer, buckets="auto", bucket_patches="auto", **paper)
+    assert pipe.num_records == N_RECORDS
+    total = 0
+    for b in pipe.iterator():
+        assert b["input_ids"].shape[1] <= 256
+        assert b["pixel_values"].shape[1] <= 128 and b["helper_pixel_values"].shape[1] <= 192
+        total = max(total, sum(v.nbytes for v in b.values()))
+    assert total < 2 * 192 * 1176 * 4 * 2  # a couple of MB, not the 2 x 2 x 16384 x 1176 x 4 (308 MB) of the maxima
+    fixed = make(data_dir, tokenizer, **paper)  # today's behaviour: every batch at the maxima
+    assert fixed.batch_shapes()[0]["pixel_values"] == (2, 16384, 1176)
+    assert fixed.batch_shapes()[0]["input_ids"] == (2, 32768)
+
+
+def test_auto_buckets_restore_exactly_and_enter_the_fingerprint(data_dir, tokenizer):
+    kw = dict(buckets="auto", bucket_patches="auto", num_epochs=2)
+    pipe = make(data_dir, tokenizer, **kw)
+    full = list(pipe.iterator())
+    it = make(data_dir, tokenizer, **kw).iterator()
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert_batches_equal(list(make(data_dir, tokenizer, **kw).iterator(state)), full[3:])
+    assert make(data_dir, tokenizer, buckets="auto", num_epochs=2).fingerprint != pipe.fingerprint
+    explicit = [b.length for b in pipe.buckets]
+    pairs = [(b.question_patches, b.helper_patches) for b in pipe.buckets]
+    same = make(data_dir, tokenizer, buckets=explicit, bucket_patches=pairs, num_epochs=2)
+    assert same.buckets == pipe.buckets
+    assert_batches_equal(list(same.iterator()), full)
+
+
+def test_bucket_config_checks():
+    with pytest.raises(ValueError, match="'auto', None or lengths"):
+        PL.DataConfig(buckets="automatic")
+    with pytest.raises(ValueError, match="one .question, helper. pair per bucket"):
+        PL.DataConfig(buckets="auto", bucket_patches=[(64, 64)])
+    with pytest.raises(ValueError, match="multiples of 4 within"):
+        PL.DataConfig(buckets=[64, 128], bucket_patches=[(64, 64), (62, 64)])
+    cfg = PL.DataConfig(buckets=[64, 128], bucket_patches=[(64, 64), (128, 256)])
+    assert PL.DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    auto = PL.DataConfig(buckets="auto", bucket_patches="auto")
+    assert PL.DataConfig.from_dict(json.loads(json.dumps(auto.to_dict()))) == auto
+
+
+def _with_truncated_helper(data_dir, tmp_path, index=3):
+    """A copy of the data whose record ``index`` has a helper image cut in half (header intact)."""
+    import shutil
+
+    d = tmp_path / "trunc"
+    shutil.copytree(data_dir, d)
+    rec = json.loads((d / "train.jsonl").read_text().splitlines()[index])
+    helper = d / rec["sequence_plan"][1]["helper_image"]
+    data = helper.read_bytes()
+    helper.write_bytes(data[: len(data) // 2])
+    return d, rec
+
+
+def test_image_failing_at_build_time_is_counted_once(data_dir, tokenizer, tmp_path):
+    d, rec = _with_truncated_helper(data_dir, tmp_path)
+    pipe = make(d, tokenizer, num_epochs=3, drop_policy="skip")
+    assert pipe.num_records == N_RECORDS and pipe.drops.total == 0  # the header is fine
+    batches = list(pipe.iterator())
+    assert sum(int(b["sample_mask"].sum()) for b in batches) == 3 * (N_RECORDS - 1)
+    assert pipe.drops.as_dict() == {R.UNREADABLE_IMAGE: 1}
+    assert pipe.describe()["dropped"] == {R.UNREADABLE_IMAGE: 1}
+    # a resumed iterator keeps the count (and does not count it again)
+    it = make(d, tokenizer, num_epochs=3, drop_policy="skip").iterator()
+    for _ in range(len(batches) // 2):
+        next(it)
+    restored = make(d, tokenizer, num_epochs=3, drop_policy="skip")
+    list(restored.iterator(it.get_state()))
+    assert restored.drops.as_dict() == {R.UNREADABLE_IMAGE: 1}
+    # verify_images finds it while indexing, under the same reason
+    early = make(d, tokenizer, verify_images=True, drop_policy="skip")
+    assert early.drops.as_dict() == {R.UNREADABLE_IMAGE: 1} and early.num_records == N_RECORDS - 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_build_failure_under_error_policy_is_one_line(data_dir, tok_dir, tmp_path, workers):
+    d, rec = _with_truncated_helper(data_dir, tmp_path)
+    pipe = make(d, tok_dir, shuffle=False, drop_policy="error", worker_count=workers)
+    it = pipe.iterator()
+    with pytest.raises(R.RecordError) as ei:
+        for _ in it:
+            pass
+    it.close()
+    msg = str(ei.value)
+    assert msg.startswith(f"{d / 'train.jsonl'}:line 4 (id={rec['id']}): ") and msg.endswith("[unreadable_image]")
+    assert "\n" not in msg and ei.value.__cause__ is None and ei.value.__context__ is None
