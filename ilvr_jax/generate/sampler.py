@@ -11,7 +11,8 @@ tokens generated, a done flag and the outputs. Each iteration
 2. applies the latent rules: the recorded token, and whether the input is the token's
    embedding or the previous hidden state (at ``<|latent_pad|>``),
 3. marks rows done at a stop token or at their budget (done rows record ``pad_id``),
-4. runs one cached decoder step on the chosen inputs,
+4. runs one cached decoder step on the chosen inputs (``cached_step``: the cache is
+   updated in place),
 
 and the loop ends when every row is done or after ``max_steps``. Nothing leaves the device
 inside the loop; the cache is donated to it.
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ilvr_jax.generate.cached_step import decode_step_inplace
 from ilvr_jax.generate.sampling import SamplingParams, choose_tokens
 from ilvr_jax.ilvr.latent_decoding import LatentIds, initial_span_left, latent_step
 from ilvr_jax.model import qwen25vl
@@ -172,7 +174,7 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
         embeds = jnp.where(feed[:, None], c["hidden"], qwen25vl.embed_tokens(params, token).astype(c["hidden"].dtype))
         fed_vec = jnp.where(feed[:, None], c["hidden"], 0)
         step = c["step"]
-        new_logits, new_hidden, new_cache = qwen25vl.decode_step(
+        new_logits, new_hidden, new_cache = decode_step_inplace(
             params, cfg, embeds[:, None, :], c["cache"], rope_deltas, dtype=dcfg.dtype, attn_impl=dcfg.attn_impl)
         return dict(
             step=step + 1, cache=new_cache, logits=new_logits[:, 0], hidden=new_hidden[:, 0].astype(c["hidden"].dtype),
