@@ -132,8 +132,8 @@ class _Decoder:
         params = inspect.signature(model.forward).parameters
         # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` before).
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        # 4.5x has no ``mm_token_type_ids``; positions are explicit, so it is only passed where
-        # the model takes it (as the processor's output would be).
+        # 5.x's forward takes ``mm_token_type_ids`` (its processor returns it), 4.5x's does not;
+        # the positions are explicit either way.
         self.takes_mm_types = "mm_token_type_ids" in params
         self.cache = None
         self.length = 0
