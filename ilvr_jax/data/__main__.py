@@ -5,34 +5,45 @@ Subcommands::
     convert  --adapter NAME --source PATH --out OUT.jsonl [--image-root DIR] [--image-out DIR]
              [--domains D ...] [--exclude-domains D ...] [--max-records N] [--seed S]
              [--limit N] [--skip-bad] [--no-check-images] [--absolute-paths]
-    validate --data FILE.jsonl [--image-root DIR] [--skip-bad] [--verify-images]
-    stats    --data FILE.jsonl [--image-root DIR] [--tokenizer DIR] [--json]
+    validate --data FILE.jsonl [CHECKS] [--skip-bad] [--no-decode-images]
+    stats    --data FILE.jsonl [CHECKS] [--decode-images] [--json]
+    CHECKS:  [--image-root DIR] [--tokenizer DIR] [--latent-size K] [--answer-format F]
+             [--min-pixels N] [--max-pixels N] [--max-length N] [--max-question-images N]
+             [--max-question-patches N] [--max-segments N] [--max-helper-patches N]
     maze     --out DIR --n N --seed S [--min-size 3] [--max-size 6] [--hole-prob 0.25]
+
+``validate`` and ``stats`` run the training pipeline's own record checks (``checks.py``), with
+the token checks when given ``--tokenizer`` and each fit limit that is given; ``validate``
+decodes every image (as building a batch does) and prints every bad record on its own line,
+then the count per reason. ``stats`` reports full sequence lengths and patch counts per record
+(min, mean, p50, p90, p99, max) and suggests max_length, patch budgets and buckets.
 
 ``convert`` writes image paths relative to the output file's directory when the images lie
 below it (absolute otherwise, or always with ``--absolute-paths``). Exit status: 0 on success,
 1 when bad records were found (``validate`` without ``--skip-bad``, or any command that hit a
-bad record under the default "error" policy), 2 on bad arguments or missing files.
+bad record under the default "error" policy) or the file holds no records, 2 on bad arguments
+or missing files.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import inspect
 import json
 import os
 import sys
 import time
 
+import numpy as np
+
 from ilvr_jax.data.adapters import ADAPTER_NAMES, get_adapter, relative_paths
-from ilvr_jax.data.records import (
-    DropPolicy,
-    RecordError,
-    num_segments,
-    read_jsonl,
-    validate_located,
-    write_jsonl,
-)
+from ilvr_jax.data.buckets import AUTO, PATCH_ROUND, round_patches
+from ilvr_jax.data.buckets import resolve as resolve_buckets
+from ilvr_jax.data.checks import RecordChecker, RecordLimits
+from ilvr_jax.data.processor import ImageProcessorConfig
+from ilvr_jax.data.records import DropPolicy, RecordError, num_segments, read_jsonl, write_jsonl
+from ilvr_jax.data.segments import SequenceFormat
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -86,85 +97,155 @@ def _print_drops(policy: DropPolicy) -> None:
         print(f"  {reason}: {count}  (first: {policy.counter.first_message[reason]})")
 
 
-def _read_valid(path: str, image_root: str | None, *, check_images: bool = True, verify_images: bool = False,
-                policy: DropPolicy):
-    if not os.path.isfile(path):
-        raise SystemExit(_usage_error(f"data file {path!r} does not exist"))
-    for loc in read_jsonl(path, image_root):
-        try:
-            yield validate_located(loc, check_images=check_images, verify_images=verify_images)
-        except RecordError as e:
-            policy.handle(e)
+def _add_check_args(p: argparse.ArgumentParser) -> None:
+    """The settings of the record checks (``checks.py``), as the training pipeline applies them."""
+    p.add_argument("--data", required=True)
+    p.add_argument("--image-root", help="root of relative image paths (default: the file's folder)")
+    p.add_argument("--tokenizer", help="HF tokenizer folder with the latent tokens: also run the token checks "
+                   "and measure full sequence lengths, as training does")
+    p.add_argument("--latent-size", type=int, default=8, help="K latent pads per segment (default 8)")
+    p.add_argument("--answer-format", help="text appended after the plan ({answer}); default: none")
+    defaults = ImageProcessorConfig()
+    p.add_argument("--min-pixels", type=int, default=defaults.min_pixels)
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
+    p.add_argument("--no-check-images", action="store_true", help="do not open every image at the start")
+    limits = p.add_argument_group("fit limits (each checked only when given; training: data.max_*)")
+    for name in ("max_length", "max_question_images", "max_question_patches", "max_segments", "max_helper_patches"):
+        limits.add_argument("--" + name.replace("_", "-"), type=int)
 
 
-def _validate(args: argparse.Namespace) -> int:
-    policy = DropPolicy("skip")  # count every bad record, decide the exit status at the end
-    policy.log_first = 0
-    n_ok = sum(1 for _ in _read_valid(args.data, args.image_root, verify_images=args.verify_images,
-                                      policy=policy))
-    n_bad = policy.counter.total
-    print(f"{args.data}: {n_ok} valid records, {n_bad} bad")
-    _print_drops(policy)
-    if n_bad and not args.skip_bad:
-        return 1
-    return 0
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"min": 0, "mean": 0.0, "max": 0}
-    return {"min": min(values), "mean": round(sum(values) / len(values), 3), "max": max(values)}
-
-
-def _stats(args: argparse.Namespace) -> int:
-    policy = DropPolicy("skip")
-    policy.log_first = 0
+def _check_records(args: argparse.Namespace, *, decode_images: bool):
+    """Runs ``RecordChecker`` on every record: (n_records, [(loc, record, size)], [RecordError])."""
+    if not os.path.isfile(args.data):
+        raise SystemExit(_usage_error(f"data file {args.data!r} does not exist"))
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    question_images, helpers, text_steps, tokens = [], [], [], []
+    checker = RecordChecker(
+        tokenizer,
+        ImageProcessorConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels),
+        SequenceFormat(latent_size=args.latent_size, answer_format=args.answer_format),
+        RecordLimits(max_length=args.max_length, max_question_images=args.max_question_images,
+                     max_question_patches=args.max_question_patches, max_segments=args.max_segments,
+                     max_helper_patches=args.max_helper_patches),
+        check_images=not args.no_check_images, verify_images=decode_images,
+    )
+    good, bad, n = [], [], 0
+    for loc in read_jsonl(args.data, args.image_root):
+        n += 1
+        try:
+            rec, size = checker.check(loc)
+        except RecordError as e:
+            bad.append(e)
+            continue
+        good.append((loc, rec, size))
+    return n, good, bad
+
+
+def _reason_counts(bad: list[RecordError]) -> dict[str, int]:
+    return dict(sorted(collections.Counter(e.reason for e in bad).items()))
+
+
+def _validate(args: argparse.Namespace) -> int:
+    n, good, bad = _check_records(args, decode_images=not args.no_decode_images)
+    for e in bad:  # every bad record, one line each
+        print(e)
+    print(f"{args.data}: {len(good)} valid records, {len(bad)} bad")
+    for reason, count in _reason_counts(bad).items():
+        print(f"  {reason}: {count}")
+    if not args.tokenizer:
+        print("  (no --tokenizer: token checks and sequence lengths were not checked)")
+    if n == 0:
+        print(f"error: {args.data} holds no records", file=sys.stderr)
+        return 1
+    if not good or (bad and not args.skip_bad):
+        return 1
+    return 0
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    """min, mean, p50, p90, p99 (values that occur: the nearest at or above), max."""
+    if not values:
+        return {"min": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
+    a = np.asarray(values)
+    pct = {f"p{q}": a.dtype.type(np.percentile(a, q, method="higher")).item() for q in (50, 90, 99)}
+    return {"min": a.min().item(), "mean": round(float(a.mean()), 3), **pct, "max": a.max().item()}
+
+
+def _suggest(sizes: list, with_lengths: bool) -> dict:
+    """Shapes that hold every record with the least padding: the maxima rounded up, and the
+    automatic buckets of the training pipeline (``buckets.py``) for them."""
+    if not sizes:
+        return {}
+    q = round_patches(max(s.question_patches for s in sizes), sys.maxsize)
+    h = round_patches(max(s.helper_patches for s in sizes), sys.maxsize)
+    out = {"max_question_images": max(s.num_question_images for s in sizes),
+           "max_segments": max(s.num_segments for s in sizes), "max_question_patches": q, "max_helper_patches": h}
+    if with_lengths:
+        max_length = -(-max(s.seq_len for s in sizes) // PATCH_ROUND) * PATCH_ROUND
+        buckets, _ = resolve_buckets(sizes, max_length, q, h, AUTO, AUTO)
+        out.update(max_length=max_length, buckets=[b.length for b in buckets],
+                   bucket_patches=[[b.question_patches, b.helper_patches] for b in buckets])
+    return out
+
+
+def _stats(args: argparse.Namespace) -> int:
+    n, good, bad = _check_records(args, decode_images=args.decode_images)
+    recs = [rec for _, rec, _ in good]
+    sizes = [size for _, _, size in good]
+    helpers = [num_segments(r) for r in recs]
     tasks: dict[str, int] = {}
-    for rec in _read_valid(args.data, args.image_root, check_images=not args.no_check_images, policy=policy):
-        question_images.append(len(rec["image_input"]))
-        helpers.append(num_segments(rec))
-        text_steps.append(sum(1 for s in rec["sequence_plan"] if s["type"] == "text"))
-        task = str(rec.get("task") or "-")
+    for r in recs:
+        task = str(r.get("task") or "-")
         tasks[task] = tasks.get(task, 0) + 1
-        if tokenizer is not None:
-            texts = [rec["text_input"], rec["original_final_answer"]]
-            texts += [s["content"] for s in rec["sequence_plan"] if s["type"] == "text"]
-            tokens.append(sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts))
     stats = {
-        "records": len(helpers),
-        "question_images": sum(question_images),
+        "records": len(recs),
+        "question_images": sum(len(r["image_input"]) for r in recs),
         "helper_images": sum(helpers),
-        "question_images_per_record": _summary(question_images),
+        "question_images_per_record": _summary([len(r["image_input"]) for r in recs]),
         "segments_per_record": _summary(helpers),
-        "text_steps_per_record": _summary(text_steps),
+        "text_steps_per_record": _summary([sum(1 for s in r["sequence_plan"] if s["type"] == "text") for r in recs]),
+        "question_patches_per_record": _summary([s.question_patches for s in sizes]),
+        "helper_patches_per_record": _summary([s.helper_patches for s in sizes]),
         "tasks": dict(sorted(tasks.items())),
-        "dropped": policy.counter.as_dict(),
+        "dropped": _reason_counts(bad),
     }
-    if tokenizer is not None:
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokens = [sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in
+                      [r["text_input"], r["original_final_answer"]]
+                      + [s["content"] for s in r["sequence_plan"] if s["type"] == "text"]) for r in recs]
         stats["text_tokens_per_record"] = _summary(tokens)
         stats["text_tokens"] = sum(tokens)
+        # The full sequence: chat template, image pads, latent segments (what max_length limits).
+        stats["sequence_length_per_record"] = _summary([s.seq_len for s in sizes])
+    stats["suggested"] = _suggest(sizes, with_lengths=bool(args.tokenizer))
     if args.json:
         print(json.dumps(stats, indent=1))
-        return 0
+        return 0 if n else 1
     print(f"{args.data}")
-    print(f"  records: {stats['records']}  (dropped: {policy.counter.total})")
+    print(f"  records: {stats['records']}  (dropped: {len(bad)})")
     print(f"  question images: {stats['question_images']}  helper images / segments: {stats['helper_images']}")
     for key in ("question_images_per_record", "segments_per_record", "text_steps_per_record",
-                "text_tokens_per_record"):
+                "text_tokens_per_record", "sequence_length_per_record", "question_patches_per_record",
+                "helper_patches_per_record"):
         if key in stats:
             s = stats[key]
-            print(f"  {key.replace('_', ' ')}: min {s['min']}  mean {s['mean']}  max {s['max']}")
+            print(f"  {key.replace('_', ' ')}: " + "  ".join(f"{k} {v}" for k, v in s.items()))
     if "text_tokens" in stats:
         print(f"  text tokens: {stats['text_tokens']}")
     print("  tasks: " + ", ".join(f"{k}={v}" for k, v in stats["tasks"].items()))
-    _print_drops(policy)
-    return 0
+    for reason, count in stats["dropped"].items():
+        print(f"  dropped {reason}: {count}")
+    if stats["suggested"]:
+        print("  suggested data config: " + ", ".join(f"{k}={v}" for k, v in stats["suggested"].items()))
+    if not args.tokenizer:
+        print("  (no --tokenizer: no sequence lengths, no suggested max_length or buckets)")
+    return 0 if n else 1
 
 
 def _maze(args: argparse.Namespace) -> int:
@@ -203,18 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--absolute-paths", action="store_true", help="write absolute image paths")
     p.set_defaults(fn=_convert)
 
-    p = sub.add_parser("validate", help="check every record of a canonical JSONL file")
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-root", help="root of relative image paths (default: the file's folder)")
-    p.add_argument("--skip-bad", action="store_true", help="exit 0 even when bad records are found")
-    p.add_argument("--verify-images", action="store_true", help="also decode every image fully")
+    p = sub.add_parser("validate", help="run the training pipeline's record checks on every record")
+    _add_check_args(p)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="exit 0 when bad records are found but some are good (training with drop_policy skip)")
+    p.add_argument("--no-decode-images", action="store_true",
+                   help="do not decode every image in full (truncated files then fail only in training)")
     p.set_defaults(fn=_validate)
 
-    p = sub.add_parser("stats", help="describe a canonical JSONL file")
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-root")
-    p.add_argument("--tokenizer", help="HF tokenizer folder: also count text tokens")
-    p.add_argument("--no-check-images", action="store_true")
+    p = sub.add_parser("stats", help="describe a canonical JSONL file and suggest batch shapes")
+    _add_check_args(p)
+    p.add_argument("--decode-images", action="store_true", help="also decode every image in full")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(fn=_stats)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +13,10 @@ import pytest
 from PIL import Image
 
 from ilvr_jax.data import maze
+from ilvr_jax.data import records as R
+from ilvr_jax.data.pipeline import DataConfig, DataPipeline
+from ilvr_jax.data.processor import ImageProcessorConfig
+from ilvr_jax.data.segments import SequenceFormat, build_sample
 
 
 def _cli(*args, cwd=None):
@@ -39,6 +45,14 @@ def test_maze_subcommand_matches_library(maze_dir, tmp_path):
         assert a.read() == b.read()
 
 
+def _summary(values):
+    """min, mean, p50/p90/p99 as the nearest value at or above the rank, max (by sorting)."""
+    v = sorted(values)
+    rank = lambda q: v[math.ceil(q / 100 * (len(v) - 1))]  # noqa: E731
+    return {"min": v[0], "mean": round(sum(v) / len(v), 3), "p50": rank(50), "p90": rank(90), "p99": rank(99),
+            "max": v[-1]}
+
+
 def test_validate_and_stats(maze_dir, tmp_path):
     rc, stdout, _ = _cli("validate", "--data", maze_dir / "data.jsonl")
     assert rc == 0 and "12 valid records, 0 bad" in stdout
@@ -50,9 +64,9 @@ def test_validate_and_stats(maze_dir, tmp_path):
     stats = json.loads(stdout)
     assert stats["records"] == 12 and stats["question_images"] == 12
     assert stats["helper_images"] == sum(segments)
-    assert stats["segments_per_record"] == {"min": min(segments), "mean": round(sum(segments) / 12, 3),
-                                            "max": max(segments)}
+    assert stats["segments_per_record"] == _summary(segments)
     assert stats["tasks"] == {"maze": 12} and stats["dropped"] == {}
+    assert "sequence_length_per_record" not in stats and "max_length" not in stats["suggested"]
 
     from ilvr_jax.tiny import build_tokenizer
 
@@ -64,13 +78,34 @@ def test_validate_and_stats(maze_dir, tmp_path):
                                                               if s["type"] == "text"])
         for r in records
     ]
-    rc, stdout, stderr = _cli("stats", "--data", maze_dir / "data.jsonl", "--tokenizer", tok_dir, "--json")
+    rc, stdout, stderr = _cli("stats", "--data", maze_dir / "data.jsonl", "--tokenizer", tok_dir, "--json",
+                              "--latent-size", 4, "--max-pixels", 64 * 28 * 28)
     assert rc == 0, stderr
     stats = json.loads(stdout)
     assert stats["text_tokens"] == sum(expected)
     assert stats["text_tokens_per_record"]["max"] == max(expected)
-    rc, stdout, _ = _cli("stats", "--data", maze_dir / "data.jsonl")
+    # Full lengths and patch counts are those of the samples training builds.
+    img = ImageProcessorConfig(max_pixels=64 * 28 * 28)
+    fmt = SequenceFormat(latent_size=4)
+    built = [build_sample(r, maze_dir, tok, img, fmt) for r in records]
+    assert stats["sequence_length_per_record"] == _summary([len(b.input_ids) for b in built])
+    assert stats["question_patches_per_record"] == _summary([len(b.pixel_values) for b in built])
+    assert stats["helper_patches_per_record"] == _summary([len(b.helper_pixel_values) for b in built])
+    # The suggested shapes hold every record: a pipeline with them drops nothing.
+    sug = stats["suggested"]
+    assert sug["max_length"] % 64 == 0 and sug["max_length"] >= max(len(b.input_ids) for b in built)
+    cfg = DataConfig(batch_size=2, max_length=sug["max_length"], buckets=sug["buckets"],
+                     bucket_patches=sug["bucket_patches"], max_question_patches=sug["max_question_patches"],
+                     max_helper_patches=sug["max_helper_patches"], max_question_images=sug["max_question_images"],
+                     max_segments=sug["max_segments"], latent_size=4, max_pixels=64 * 28 * 28, drop_policy="error")
+    pipe = DataPipeline.from_jsonl(maze_dir / "data.jsonl", tok, cfg, process_index=0, process_count=1)
+    assert pipe.num_records == 12
+    auto = DataPipeline.from_jsonl(maze_dir / "data.jsonl", tok, DataConfig(
+        **{**cfg.to_dict(), "buckets": "auto", "bucket_patches": "auto"}), process_index=0, process_count=1)
+    assert auto.buckets == pipe.buckets
+    rc, stdout, _ = _cli("stats", "--data", maze_dir / "data.jsonl", "--tokenizer", tok_dir)
     assert rc == 0 and "records: 12" in stdout and "segments per record: min" in stdout
+    assert "sequence length per record: min" in stdout and "p99" in stdout and "suggested data config" in stdout
 
 
 def _bad_canonical(tmp_path):
@@ -99,6 +134,81 @@ def test_validate_reports_reasons_and_exit_status(tmp_path):
     assert rc == 0 and "2 bad" in stdout
     rc, _, stderr = _cli("validate", "--data", tmp_path / "absent.jsonl")
     assert rc == 2 and "absent.jsonl" in stderr
+
+
+def test_validate_an_empty_file_fails(tmp_path):
+    for name, text in [("empty.jsonl", ""), ("blank.jsonl", "\n  \n")]:
+        (tmp_path / name).write_text(text)
+        rc, stdout, stderr = _cli("validate", "--data", tmp_path / name, "--skip-bad")
+        assert rc == 1 and "0 valid records, 0 bad" in stdout and "holds no records" in stderr
+
+
+BAD_LINE = re.compile(r"^(?P<file>.+):line (?P<line>\d+)(?: \(id=(?P<id>[^)]*)\))?: .* \[(?P<reason>\w+)\]$")
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from ilvr_jax.tiny import build_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    build_tokenizer(str(d))
+    return d
+
+
+def _mixed(tmp_path):
+    """Good records and every kind of record validate used to pass but training dropped."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    Image.new("RGB", (402, 2)).save(tmp_path / "wide.png")
+    for ext in ("png", "jpg"):
+        Image.fromarray(rng.randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"full.{ext}")
+        data = (tmp_path / f"full.{ext}").read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) // 2])
+
+    def rec(i, q="ok.png", h="ok.png", text="Q?"):
+        return R.make_record(text, [q], [R.text_step("look"), R.latent_step(h)], "A", id=f"r{i}")
+
+    recs = [rec(0), rec(1, text="Q?<|im_end|>"), rec(2, q="wide.png"), rec(3, h="cut.png"), rec(4, q="cut.jpg"),
+            rec(5), rec(6, text="x <|latent_start|>"), rec(7, text="long " * 300)]
+    path = tmp_path / "mixed.jsonl"
+    R.write_jsonl(path, recs)
+    want = {2: "special_token_in_text", 3: "bad_aspect", 4: "unreadable_image", 5: "unreadable_image",
+            7: "special_token_in_text", 8: "too_long"}
+    return path, want
+
+
+def test_validate_lists_every_bad_record_as_training_drops_it(tmp_path, tok_dir):
+    path, want = _mixed(tmp_path)
+    rc, stdout, stderr = _cli("validate", "--data", path, "--tokenizer", tok_dir, "--max-length", 512,
+                              "--max-pixels", 16 * 28 * 28)
+    assert rc == 1, stderr
+    found = {}
+    for line in stdout.splitlines():
+        m = BAD_LINE.match(line)
+        if m:
+            assert m["file"] == str(path) and m["id"] == f"r{int(m['line']) - 1}"
+            found[int(m["line"])] = m["reason"]
+    assert found == want
+    assert f"2 valid records, {len(want)} bad" in stdout
+    assert "  special_token_in_text: 2" in stdout and "  unreadable_image: 2" in stdout
+    assert "  bad_aspect: 1" in stdout and "  too_long: 1" in stdout
+
+    # The training pipeline drops exactly these, for the same reasons (verify_images at indexing;
+    # without it the truncated images are counted when their batches are built).
+    counts = {}
+    for r in want.values():
+        counts[r] = counts.get(r, 0) + 1
+    base = dict(batch_size=1, max_length=512, max_pixels=16 * 28 * 28, drop_policy="skip", shuffle=False)
+    for verify in (True, False):
+        pipe = DataPipeline.from_jsonl(path, str(tok_dir), DataConfig(**base, verify_images=verify),
+                                       process_index=0, process_count=1)
+        n_real = sum(int(b["sample_mask"].sum()) for b in pipe.iterator())
+        assert pipe.drops.as_dict() == dict(sorted(counts.items())) and n_real == 2
+    # Without a tokenizer the token-free checks still agree; the length is not checked.
+    rc, stdout, _ = _cli("validate", "--data", path, "--max-pixels", 16 * 28 * 28)
+    assert rc == 1 and "3 valid records, 5 bad" in stdout and "no --tokenizer" in stdout
 
 
 def test_convert(maze_dir, tmp_path):
