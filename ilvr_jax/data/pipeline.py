@@ -551,16 +551,22 @@ class DataPipeline:
             it.set_state(state)
         return it
 
+    @staticmethod
+    def _batch_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+        return sum(int(np.prod(shape)) * np.dtype(BATCH_DTYPES[k]).itemsize for k, shape in shapes.items())
+
     def describe(self) -> dict[str, Any]:
         """Counts and shapes for the run log: records, drops per reason, batches per epoch and
-        per bucket its shapes (length, question / helper patch rows) and record count."""
+        per bucket its shapes (length, question / helper patch rows), record count and the bytes
+        of one batch (host memory per batch in flight)."""
         per_bucket = np.bincount(self.plan.buckets, minlength=len(self.buckets)).tolist() if self.items else \
             [0] * len(self.buckets)
         return {
             "records": self.num_records,
             "dropped": self.drops.as_dict(),
             "batches_per_epoch": self.plan.batches_per_epoch,
-            "buckets": [dict(dataclasses.asdict(b), records=n) for b, n in zip(self.buckets, per_bucket)],
+            "buckets": [dict(dataclasses.asdict(b), records=n, batch_bytes=self._batch_bytes(shapes))
+                        for b, n, shapes in zip(self.buckets, per_bucket, self.batch_shapes())],
             "records_per_bucket": {b.length: n for b, n in zip(self.buckets, per_bucket)},
             "process": [self.process_index, self.process_count],
         }

@@ -444,6 +444,10 @@ def test_paper_maxima_on_small_records_build_small_batches(data_dir, tokenizer):
         assert b["input_ids"].shape[1] <= 256
         assert b["pixel_values"].shape[1] <= 128 and b["helper_pixel_values"].shape[1] <= 192
         total = max(total, sum(v.nbytes for v in b.values()))
+        shape = (b["input_ids"].shape[1], b["pixel_values"].shape[1], b["helper_pixel_values"].shape[1])
+        info = next(x for x in pipe.describe()["buckets"]
+                    if (x["length"], x["question_patches"], x["helper_patches"]) == shape)
+        assert info["batch_bytes"] == sum(v.nbytes for v in b.values())
     assert total < 2 * 192 * 1176 * 4 * 2  # a couple of MB, not the 2 x 2 x 16384 x 1176 x 4 (308 MB) of the maxima
     fixed = make(data_dir, tokenizer, **paper)  # today's behaviour: every batch at the maxima
     assert fixed.batch_shapes()[0]["pixel_values"] == (2, 16384, 1176)
