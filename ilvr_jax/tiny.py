@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 # Qwen2.5's special tokens, in Qwen's order (ids follow the regular vocabulary).
@@ -235,3 +236,26 @@ def build_tiny_model_dir(out_dir: str, shape: str = "untied_gqa2", seed: int = 0
     with open(os.path.join(out_dir, "chat_template.json"), "w") as f:
         json.dump({"chat_template": CHAT_TEMPLATE}, f)
     return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ilvr_jax.tiny --out DIR``: a tiny random Qwen2.5-VL directory to try the
+    commands on (needs torch, as the tests)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ilvr_jax.tiny", description=main.__doc__)
+    ap.add_argument("--out", required=True, help="directory to write (config, safetensors, tokenizer, processor)")
+    ap.add_argument("--shape", default="untied_gqa2", choices=sorted(TINY_SHAPES), help="architecture")
+    ap.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    args = ap.parse_args(argv)
+    if os.path.exists(args.out) and os.listdir(args.out):
+        print(f"error: {args.out}: already exists and is not empty", file=sys.stderr)
+        return 2
+    build_tiny_model_dir(args.out, args.shape, seed=args.seed)
+    print(f"wrote {args.out}: a tiny Qwen2.5-VL ({args.shape}) with the latent tokens; train it with "
+          f"--config.model.hf_dir={args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
