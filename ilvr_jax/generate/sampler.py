@@ -55,7 +55,8 @@ class DecodeConfig:
     latent_size: K pads per span. latent_end_early: an argmax ``<|latent_end|>`` during the
     pads ends the span early. sample: compile the sampling branch (greedy otherwise).
     pad_id: recorded after a row is done. dtype: compute dtype; cache_dtype: KV cache dtype
-    (the compute dtype when None).
+    (the compute dtype when None); attn_impl: the prefill's attention implementation (decode
+    steps use ``cached_step.single_query_attention``).
     """
 
     latent_ids: LatentIds
@@ -174,8 +175,8 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
         embeds = jnp.where(feed[:, None], c["hidden"], qwen25vl.embed_tokens(params, token).astype(c["hidden"].dtype))
         fed_vec = jnp.where(feed[:, None], c["hidden"], 0)
         step = c["step"]
-        new_logits, new_hidden, new_cache = decode_step_inplace(
-            params, cfg, embeds[:, None, :], c["cache"], rope_deltas, dtype=dcfg.dtype, attn_impl=dcfg.attn_impl)
+        new_logits, new_hidden, new_cache = decode_step_inplace(params, cfg, embeds[:, None, :], c["cache"],
+                                                                rope_deltas, dtype=dcfg.dtype)
         return dict(
             step=step + 1, cache=new_cache, logits=new_logits[:, 0], hidden=new_hidden[:, 0].astype(c["hidden"].dtype),
             key=key, span_left=jnp.where(active, rule.span_left, c["span_left"]), done=done,
