@@ -2,9 +2,9 @@
 
 A child Python process runs a pipeline with two grain workers and reads a batch; every process
 it starts (workers, multiprocessing's resource tracker) inherits a marker in its environment,
-so they can be found after they were re-parented. New ``/dev/shm`` entries (grain's batch
-segments ``psm_*`` and its queue semaphores ``sem.*``) seen while the child ran must be gone
-afterwards.
+so they can be found after they were re-parented. The child also puts the marker into the
+names of the ``/dev/shm`` entries it and its workers create (grain's batch segments ``psm_*``
+and its queue semaphores ``sem.mp-*``): none may be left afterwards.
 """
 
 from __future__ import annotations
@@ -28,10 +28,28 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc") or not os.path.isdir(
                                 reason="needs Linux /proc and /dev/shm")
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import functools, os, secrets, sys, time
+    import multiprocessing.shared_memory
+    import multiprocessing.synchronize
     from ilvr_jax.data import pipeline as PL
+    from ilvr_jax.data import workers
+
+    MARK = os.environ["ILVR_TEST_MARKER"][:12]
+
+    def tag_names():
+        # Names that carry the marker, so the test can tell this run's /dev/shm entries from
+        # those of other processes on the machine (the tracker's cleanup does not look at names).
+        multiprocessing.shared_memory._make_filename = lambda: f"/psm_{MARK}_{secrets.token_hex(4)}"
+        multiprocessing.synchronize.SemLock._make_name = staticmethod(lambda: f"/mp-{MARK}-{secrets.token_hex(4)}")
+
+    def tagged_worker_init(inner, index, count):
+        tag_names()
+        inner(index, count)
 
     def main(data_dir, mode):
+        tag_names()
+        make_init = workers.worker_init
+        workers.worker_init = lambda *a, **k: functools.partial(tagged_worker_init, make_init(*a, **k))
         cfg = PL.DataConfig(batch_size=2, max_length=128, max_question_images=1, max_question_patches=64,
                             max_helper_patches=64, max_segments=2, latent_size=2, min_pixels=3136,
                             max_pixels=16 * 784, num_epochs=None, worker_count=2)
@@ -43,6 +61,7 @@ CHILD = textwrap.dedent("""
         print("ready", flush=True)
         if mode == "hang":
             time.sleep(120)
+        sys.stdin.readline()  # "exit": return normally when the test has looked
 
     if __name__ == "__main__":
         main(sys.argv[1], sys.argv[2])
@@ -83,25 +102,30 @@ def _marked(marker: bytes) -> list[int]:
     return pids
 
 
-def _shm() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(("psm_", "sem.mp-"))}
+def _shm(mark: str) -> set[str]:
+    """This run's batch segments and queue semaphores (the child puts ``mark`` in their names)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith((f"psm_{mark}_", f"sem.mp-{mark}-"))}
 
 
 def _run_child(data_dir, mode: str, kill: bool):
     marker = uuid.uuid4().hex
-    before = _shm()
+    mark = marker[:12]
     env = dict(os.environ, ILVR_TEST_MARKER=marker)
     child = subprocess.Popen([sys.executable, str(data_dir / "child.py"), str(data_dir), mode],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                             text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
         time.sleep(1.0)  # the workers fill their queues
         descendants = [p for p in _marked(marker.encode()) if p != child.pid]
-        created = _shm() - before
+        created = _shm(mark)
         assert len(descendants) >= 2, "the child should run two workers"
-        assert created, "the workers should pass batches through /dev/shm"
+        assert any(n.startswith("psm_") for n in created), "the workers should pass batches through /dev/shm"
         if kill:
             child.send_signal(signal.SIGKILL)
+        else:
+            child.stdin.write("\n")
+            child.stdin.flush()
         child.wait(timeout=60)
     finally:
         if child.poll() is None:
@@ -109,7 +133,7 @@ def _run_child(data_dir, mode: str, kill: bool):
             child.wait()
     deadline = time.time() + 10.0
     while time.time() < deadline:
-        alive, left = _marked(marker.encode()), _shm() & created
+        alive, left = _marked(marker.encode()), _shm(mark)
         if not alive and not left:
             return child.returncode
         time.sleep(0.2)
