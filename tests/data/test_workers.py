@@ -137,8 +137,16 @@ def _run_child(data_dir, mode: str, kill: bool):
         if not alive and not left:
             return child.returncode
         time.sleep(0.2)
-    for pid in alive:  # do not leave them behind for the rest of the suite
-        os.kill(pid, signal.SIGKILL)
+    # Do not leave survivors behind for the rest of the suite: end the workers, then give the
+    # resource tracker (which unlinks what they registered) time to exit on its own.
+    for pid in alive:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"resource_tracker" not in f.read():
+                    os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(2.0)
     raise AssertionError(f"survivors of the child: processes {alive}, /dev/shm entries {sorted(left)[:10]}")
 
 
