@@ -39,6 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from ilvr_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from ilvr_jax.jsonfile import write_json
 from ilvr_jax.model.config import ModelConfig
 
 Path = tuple[str, ...]
@@ -427,10 +428,11 @@ def hf_tensors(
     return out
 
 
-def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
-    """Copies the tokenizer / processor / generation files present in ``src_dir``."""
+def copy_tokenizer_files(src_dir: str, out_dir: str, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+    """Copies the tokenizer / processor / generation files (``names``) present in ``src_dir``;
+    returns the names copied."""
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in names:
         src = os.path.join(src_dir, name)
         dst = os.path.join(out_dir, name)
         if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
@@ -490,7 +492,7 @@ def save_hf(
     for shard_name, shard in zip(names, shards):
         total += write_safetensors(os.path.join(out_dir, shard_name), shard, {"format": "pt"})
         weight_map.update({t[0]: shard_name for t in shard})
-    _write_json(
+    write_json(
         os.path.join(out_dir, INDEX_FILE),
         {"metadata": {"total_size": total}, "weight_map": weight_map},
     )
@@ -507,16 +509,8 @@ def save_hf(
     write_hub_tokenizer_config(out_dir)
     stored = {t[2] for t in tensors}
     hf_cfg = cfg.to_hub_dict(source_config, _dtype_name(stored.pop()) if len(stored) == 1 else None)
-    _write_json(os.path.join(out_dir, "config.json"), hf_cfg)
+    write_json(os.path.join(out_dir, "config.json"), hf_cfg)
     return names
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def select_model_params(tree: dict, which: str = "student") -> dict:

@@ -13,26 +13,18 @@ fast tokenizer, with every added token) is read alike by all versions and is not
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+from ilvr_jax.jsonfile import read_json, write_json
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # Keys transformers 5 writes that describe the saving process, not the tokenizer.
 _RUNTIME_KEYS = ("backend", "is_local", "local_files_only", "extra_special_tokens")
 
 
-def _read(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_hub(path: str, obj: Any) -> None:
+    write_json(path, obj, sort_keys=False)   # the hub's files keep their key order
 
 
 def chat_template(tok_dir: str, config: dict[str, Any] | None = None) -> str | None:
@@ -46,7 +38,7 @@ def chat_template(tok_dir: str, config: dict[str, Any] | None = None) -> str | N
             return f.read()
     js = os.path.join(tok_dir, "chat_template.json")
     if os.path.isfile(js):
-        return _read(js).get("chat_template")
+        return read_json(js).get("chat_template")
     return None
 
 
@@ -57,7 +49,7 @@ def write_hub_tokenizer_config(tok_dir: str) -> None:
     tok_json = os.path.join(tok_dir, "tokenizer.json")
     if not (os.path.isfile(cfg_path) and os.path.isfile(tok_json)):
         return
-    cfg = _read(cfg_path)
+    cfg = read_json(cfg_path)
     extra = cfg.get("extra_special_tokens")
     additional = list(cfg.get("additional_special_tokens") or [])
     if isinstance(extra, list):
@@ -68,7 +60,7 @@ def write_hub_tokenizer_config(tok_dir: str) -> None:
     out = {k: v for k, v in cfg.items() if k not in _RUNTIME_KEYS or (k == "extra_special_tokens" and isinstance(v, dict))}
     if additional:
         out["additional_special_tokens"] = additional
-    added = _read(tok_json).get("added_tokens") or []
+    added = read_json(tok_json).get("added_tokens") or []
     out["added_tokens_decoder"] = {
         str(t["id"]): {k: t.get(k, False) for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
         for t in sorted(added, key=lambda t: t["id"])
@@ -76,5 +68,5 @@ def write_hub_tokenizer_config(tok_dir: str) -> None:
     template = chat_template(tok_dir, cfg)
     if template:
         out["chat_template"] = template
-        _write(os.path.join(tok_dir, "chat_template.json"), {"chat_template": template})
-    _write(cfg_path, out)
+        _write_hub(os.path.join(tok_dir, "chat_template.json"), {"chat_template": template})
+    _write_hub(cfg_path, out)

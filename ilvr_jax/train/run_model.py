@@ -15,7 +15,6 @@ keeps its ids), and the embedding table is resized to match.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ import numpy as np
 
 from ilvr_jax.checkpoint import tokenizer_files
 from ilvr_jax.data import processor as proc
+from ilvr_jax.jsonfile import read_json, write_json
 from ilvr_jax.model import qwen25vl
 from ilvr_jax.model.config import LATENT_TOKENS, ModelConfig
 
@@ -45,19 +45,6 @@ PROCESSOR_FILES = (PREPROCESSOR_FILE, "video_preprocessor_config.json", "process
 
 class ModelSetupError(ValueError):
     """The source model directory cannot be used (one line, naming the file)."""
-
-
-def read_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def source_config(root: str) -> dict[str, Any] | None:
@@ -90,17 +77,6 @@ def load_source_tokenizer(src_dir: str):
         raise ModelSetupError(f"{src_dir}: no chat template (tokenizer_config.json, chat_template.json "
                               "and chat_template.jinja have none); ILVR prompts need Qwen2.5-VL's template")
     return tok
-
-
-def copy_processor_files(src_dir: str, out_dir: str) -> list[str]:
-    """Copies ``PROCESSOR_FILES`` present in ``src_dir``; returns their names."""
-    copied = []
-    for name in PROCESSOR_FILES:
-        src, dst = os.path.join(src_dir, name), os.path.join(out_dir, name)
-        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
-            shutil.copyfile(src, dst)
-            copied.append(name)
-    return copied
 
 
 def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConfig, Any, str]:
@@ -139,11 +115,11 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
         params = jax.jit(qwen25vl.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(int(c.seed)))
         params = jax.tree.map(np.asarray, params)
     else:
-        from ilvr_jax.checkpoint.hf import load_hf_params
+        from ilvr_jax.checkpoint.hf import copy_tokenizer_files, load_hf_params
 
         tok = load_source_tokenizer(c.model.hf_dir)
         cfg, params = load_hf_params(c.model.hf_dir)
-        copy_processor_files(c.model.hf_dir, tok_dir)
+        copy_tokenizer_files(c.model.hf_dir, tok_dir, PROCESSOR_FILES)
         shutil.copyfile(os.path.join(c.model.hf_dir, "config.json"), os.path.join(workdir, SOURCE_CONFIG_FILE))
     had = [t for t in LATENT_TOKENS if t in tok.get_vocab()]
     tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K, resize=c.model.vocab_resize)
