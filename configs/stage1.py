@@ -49,6 +49,11 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("data.image_root", "", "image paths are relative to this directory (default: the JSONL's directory)"),
     ("data.max_length", lambda s: 32768 if s == 1 else 8192, "longest sequence (tokens, image pads and latent "
                                                              "segments included); longer records are dropped"),
+    ("data.buckets", "auto", "sequence-length buckets, one compiled shape each: 'auto' (powers of two that hold "
+                             "records, up to max_length), '' (every batch padded to max_length) or lengths '512,2048'"),
+    ("data.bucket_patches", "auto", "image-patch rows (question:helper) of each bucket's batches: 'auto' (the "
+                                    "largest the bucket's records need), '' (max_*_patches everywhere) or "
+                                    "'1024:2048,4096:8192', one pair per explicit bucket"),
     ("data.max_question_patches", 16384, "largest question-image patch total per sample (multiple of 4)"),
     ("data.max_helper_patches", 16384, "largest helper-image patch total per sample (multiple of 4)"),
     ("data.max_question_images", 4, "question images per sample at most"),

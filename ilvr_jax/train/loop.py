@@ -205,6 +205,8 @@ def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int, imag
     return DataConfig(
         batch_size=stage_batch_per_process,
         max_length=int(c.data.max_length),
+        buckets=_parse_buckets(c.data.buckets),
+        bucket_patches=_parse_bucket_patches(c.data.bucket_patches),
         max_question_images=int(c.data.max_question_images),
         max_question_patches=int(c.data.max_question_patches),
         max_helper_patches=int(c.data.max_helper_patches),
@@ -220,6 +222,28 @@ def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int, imag
         drop_policy=c.data.drop_policy,
         worker_count=int(c.data.worker_count),
     )
+
+
+def _parse_buckets(text: str):
+    """``data.buckets``: "auto", "" (None: one bucket of max_length) or "512,2048"."""
+    text = str(text).strip()
+    if text in ("auto", ""):
+        return text or None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"data.buckets must be 'auto', '' or comma-separated lengths, got {text!r}") from None
+
+
+def _parse_bucket_patches(text: str):
+    """``data.bucket_patches``: "auto", "" (None: the max_*_patches) or "Q:H,Q:H"."""
+    text = str(text).strip()
+    if text in ("auto", ""):
+        return text or None
+    try:
+        return tuple(tuple(int(x) for x in pair.split(":")) for pair in text.split(","))
+    except ValueError:
+        raise ConfigError(f"data.bucket_patches must be 'auto', '' or question:helper pairs, got {text!r}") from None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -301,8 +325,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
     from ilvr_jax.data.pipeline import DataPipeline
 
     per_process = int(c.data.batch_size) // jax.process_count()
-    pipe = DataPipeline.from_jsonl(train_path, tok_dir, data_config(c, per_process, image_cfg), root=root,
-                                   image_cfg=image_cfg)
+    try:
+        dcfg = data_config(c, per_process, image_cfg)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+    pipe = DataPipeline.from_jsonl(train_path, tok_dir, dcfg, root=root, image_cfg=image_cfg)
     info = pipe.describe()
     logger.info("data: %s", json.dumps(info))
     if pipe.num_records == 0:
@@ -346,16 +373,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
             raise
         raise ConfigError(_data_state_mismatch(manager, start_step, c)) from e
 
-    batch_shapes = {k: jax.ShapeDtypeStruct((int(c.data.batch_size),) + tuple(v.shape[1:]), v.dtype)
-                    for k, v in _example_batch(pipe).items()}
+    # One compiled program per bucket shape (jit caches them); the shardings depend on ranks only.
+    from ilvr_jax.data.pipeline import BATCH_DTYPES
+
+    shapes = pipe.batch_shapes()
+    logger.info("batch shapes (one compile each): %s", "; ".join(
+        f"S={s['input_ids'][1]} question patches={s['pixel_values'][1]} helper patches={s['helper_pixel_values'][1]}"
+        for s in shapes))
+    batch_shapes = {k: jax.ShapeDtypeStruct((int(c.data.batch_size),) + tuple(v[1:]), BATCH_DTYPES[k])
+                    for k, v in shapes[0].items()}
     b_sh = step_lib.batch_shardings(mesh, batch_shapes)
     train = step_lib.compile_train_step(scfg, tx, schedule, mesh, abstract, batch_shapes)
 
-    flops = metrics_lib.step_flops(
-        model_cfg, stage=scfg.stage, batch=int(c.data.batch_size), seq_len=int(c.data.max_length),
-        question_patches=int(c.data.max_question_patches), helper_patches=int(c.data.max_helper_patches),
-        vision_trainable=not any(p.startswith("visual") for p in scfg.frozen_patterns))
-    thr = metrics_lib.Throughput(flops, jax.device_count(), metrics_lib.peak_flops_per_device())
+    vision_trainable = not any(p.startswith("visual") for p in scfg.frozen_patterns)
+
+    def batch_flops(batch: dict[str, np.ndarray]) -> float:
+        return metrics_lib.step_flops(
+            model_cfg, stage=scfg.stage, batch=int(c.data.batch_size), seq_len=batch["input_ids"].shape[1],
+            question_patches=batch["pixel_values"].shape[1], helper_patches=batch["helper_pixel_values"].shape[1],
+            vision_trainable=vision_trainable)
+
+    thr = metrics_lib.Throughput(0.0, jax.device_count(), metrics_lib.peak_flops_per_device())
     writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start_step)
     config_json = json.loads(c.to_json_best_effort())
     last: dict[str, float] = {}
@@ -395,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
                 if step == start_step + 1:
                     thr.skip()           # this process's first step includes compilation
                 else:
-                    thr.update(float(m["tokens"]))
+                    thr.update(float(m["tokens"]), batch_flops(host_batch))
                 if best_metric and finite:
                     best_acc.append(float(m[best_metric]))
                 if step % int(c.train.log_every) == 0 or step == total_steps:
@@ -486,8 +524,3 @@ def _restore_params(step_dir: str, abstract_params: Any) -> Any:
     if got != want:
         raise ConfigError(f"{step_dir}: the stage-1 parameters do not match this model config")
     return params
-
-
-def _example_batch(pipe) -> dict[str, np.ndarray]:
-    """One batch's arrays (shapes and dtypes) without consuming the training iterator."""
-    return next(iter(pipe.iterator()))

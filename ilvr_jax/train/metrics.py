@@ -259,13 +259,17 @@ class Throughput:
         self._t = time.perf_counter()
         self._steps = 0
         self._tokens = 0.0
+        self._flops = 0.0
 
-    def update(self, tokens: float) -> None:
+    def update(self, tokens: float, flops: float | None = None) -> None:
+        """One step of ``tokens``; ``flops``: that step's FLOPs (``flops_per_step`` when None,
+        e.g. when every batch has the same shape)."""
         self._steps += 1
         self._tokens += tokens
+        self._flops += self.flops_per_step if flops is None else flops
 
     def skip(self) -> None:
-        self._t, self._steps, self._tokens = time.perf_counter(), 0, 0.0
+        self._t, self._steps, self._tokens, self._flops = time.perf_counter(), 0, 0.0, 0.0
 
     def read(self) -> dict[str, Any]:
         now = time.perf_counter()
@@ -273,10 +277,10 @@ class Throughput:
             return {"tokens_per_s": None, "step_time_s": None, "tflops_per_device": None, "mfu": None}
         dt = max(now - self._t, 1e-9)
         out = {"tokens_per_s": self._tokens / dt, "step_time_s": dt / self._steps}
-        achieved = self.flops_per_step * self._steps / dt / self.num_devices
+        achieved = self._flops / dt / self.num_devices
         out["tflops_per_device"] = achieved / 1e12
         out["mfu"] = achieved / self.peak if self.peak else None
-        self._t, self._steps, self._tokens = now, 0, 0.0
+        self._t, self._steps, self._tokens, self._flops = now, 0, 0.0, 0.0
         return out
 
 
