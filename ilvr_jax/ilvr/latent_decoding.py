@@ -13,7 +13,8 @@ hidden state instead of the token embedding, and the next state:
     span_left == 1              ->  end,    embedding,  span_left = 0      (forced)
 
 so every span is ``<|latent_start|>`` + K x ``<|latent_pad|>`` + ``<|latent_end|>`` (fewer
-pads only with ``end_early``), the released eval's LatentTemplateLogitsProcessor. In text
+pads only with ``end_early``; K = 0 gives start + end), the released eval's
+LatentTemplateLogitsProcessor. In text
 mode a ``<|latent_pad|>`` or ``<|latent_end|>`` the model emits is an ordinary token.
 """
 
@@ -59,8 +60,8 @@ def latent_step(chosen: jax.Array, greedy: jax.Array, span_left: jax.Array, late
     argmax of the same logits, read for ``end_early`` (an earlier ``<|latent_end|>`` argmax
     ends the span); span_left: [B] the state before the step.
     """
-    if latent_size < 1:
-        raise ValueError(f"latent_size must be >= 1, got {latent_size}")
+    if latent_size < 0:
+        raise ValueError(f"latent_size must be >= 0, got {latent_size}")
     chosen = jnp.asarray(chosen, jnp.int32)
     span_left = jnp.asarray(span_left, jnp.int32)
     in_text = span_left == 0

@@ -49,6 +49,8 @@ def test_prompt_ending_in_start_begins_inside_a_span():
     assert tokens == [7, 7, 9, 1] and fed == [True, True, False, False] and opened == 0
 
 
-def test_latent_size_must_be_positive():
+def test_zero_latent_size_gives_start_then_end_and_negative_fails():
+    tokens, fed, _ = _run([8, 1, 1], [8, 1, 1], k=0, end_early=False)
+    assert tokens == [8, 9, 1] and not any(fed)
     with pytest.raises(ValueError, match="latent_size"):
-        latent_step(np.array([1]), np.array([1]), np.array([0]), 0, IDS)
+        latent_step(np.array([1]), np.array([1]), np.array([0]), -1, IDS)
