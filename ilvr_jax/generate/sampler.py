@@ -69,8 +69,8 @@ class DecodeConfig:
     attn_impl: str | None = None
 
     def __post_init__(self) -> None:
-        if self.latent_size < 1:
-            raise ValueError(f"latent_size must be >= 1, got {self.latent_size}")
+        if self.latent_size < 0:
+            raise ValueError(f"latent_size must be >= 0, got {self.latent_size}")
 
 
 class PromptBatch(NamedTuple):
@@ -144,7 +144,8 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
     """The compiled loop of the module docstring (``max_steps`` = T, the output length).
 
     budgets [B]: max new tokens per row (<= T; 0 = nothing to generate); stop_ids [N]: tokens
-    that end a row (recorded, then the row is done). Returns (outputs, final cache): the
+    that end a row when fed as tokens (recorded, then the row is done; a pad whose input is
+    a hidden state never stops a row). Returns (outputs, final cache): the
     cache is returned so that the donated input buffers can hold it.
     """
     b = logits.shape[0]
@@ -170,7 +171,7 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
         token = jnp.where(active, rule.token, dcfg.pad_id)
         feed = active & rule.feed_hidden
         n_gen = c["n_gen"] + active.astype(jnp.int32)
-        hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+        hit_stop = active & ~feed & jnp.any(token[:, None] == stop_ids[None, :], axis=1)
         done = c["done"] | hit_stop | (n_gen >= budgets)
         embeds = jnp.where(feed[:, None], c["hidden"], qwen25vl.embed_tokens(params, token).astype(c["hidden"].dtype))
         fed_vec = jnp.where(feed[:, None], c["hidden"], 0)

@@ -107,7 +107,7 @@ def test_latent_mode_equals_naive_decoder(request, end_early):
 
 def test_batch_equals_rows_alone(gen_latent):
     s = gen_latent
-    kw = dict(max_new_tokens=N_LATENT, latent_size=K, stop_ids=[s.tokenizer.eos_token_id])
+    kw = dict(max_new_tokens=N_LATENT, latent_size=K, stop_ids=[s.tokenizer.eos_token_id], min_prompt_len=64)
     batched = generate_prompts(s.params, s.cfg, s.prompts, s.tokenizer, batch_size=4, **kw)
     for r, p in enumerate(s.prompts):
         (alone,) = generate_prompts(s.params, s.cfg, [p], s.tokenizer, batch_size=1, **kw)
@@ -159,3 +159,28 @@ def test_sampling_is_seeded_and_limits_to_greedy(gen_text):
                   dict(temperature=1.0, top_p=1e-6, seed=5)):
         for x, y in zip(run(**limit), greedy):
             np.testing.assert_array_equal(x, y, err_msg=str(limit))
+
+
+@pytest.mark.parametrize("end_early", [False, True])
+def test_equals_torch_twin_on_the_exported_model(request, tmp_path, end_early):
+    """The PyTorch twin (stock HF model of the exported directory, one sample at a time)
+    gives the same tokens and fed latents."""
+    from ilvr_jax.checkpoint.hf import save_hf
+    from ilvr_jax.generate import torch_latent
+
+    s = request.getfixturevalue("gen_latent_early" if end_early else "gen_latent")
+    save_hf(s.params, s.cfg, str(tmp_path), tokenizer_dir=s.hf_dir)
+    model, tok, _ = torch_latent.load_export(str(tmp_path))
+    stops = [s.tokenizer.eos_token_id]
+    got = generate_prompts(s.params, s.cfg, s.prompts, s.tokenizer, batch_size=4, max_new_tokens=N_LATENT,
+                           latent_size=K, latent_end_early=end_early, stop_ids=stops)
+    n_latents = 0
+    for r, (p, g) in enumerate(zip(s.prompts, got)):
+        want = torch_latent.generate_from_prompt(model, tok, p.input_ids.tolist(), p.pixel_values, p.image_grid_thw,
+                                                 max_new_tokens=N_LATENT, latent_end_early=end_early, latent_size=K,
+                                                 stop_ids=stops)
+        np.testing.assert_array_equal(g.token_ids, want.token_ids, err_msg=f"row {r}")
+        np.testing.assert_array_equal(g.latent_positions, want.latent_positions)
+        np.testing.assert_allclose(g.latents, want.latents, rtol=0, atol=1e-4 * float(np.max(np.abs(want.latents))))
+        n_latents += len(want.latent_positions)
+    assert n_latents >= 4 * 2 * K if not end_early else n_latents >= 4 * K
