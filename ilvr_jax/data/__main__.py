@@ -181,8 +181,10 @@ def _suggest(sizes: list, with_lengths: bool) -> dict:
         return {}
     q = round_patches(max(s.question_patches for s in sizes), sys.maxsize)
     h = round_patches(max(s.helper_patches for s in sizes), sys.maxsize)
-    out = {"max_question_images": max(s.num_question_images for s in sizes),
-           "max_segments": max(s.num_segments for s in sizes), "max_question_patches": q, "max_helper_patches": h}
+    # At least one image and segment row: zero-sized batch arrays would only trouble the model.
+    out = {"max_question_images": max(1, max(s.num_question_images for s in sizes)),
+           "max_segments": max(1, max(s.num_segments for s in sizes)), "max_question_patches": q,
+           "max_helper_patches": h}
     if with_lengths:
         max_length = -(-max(s.seq_len for s in sizes) // PATCH_ROUND) * PATCH_ROUND
         buckets, _ = resolve_buckets(sizes, max_length, q, h, AUTO, AUTO)

@@ -55,7 +55,9 @@ class DataConfig:
     Records
       drop_policy: "error" raises on the first bad record, "skip" drops and counts it per reason.
       check_images: check at load time that every image file exists and is recognised.
-      verify_images: also read every image fully at load time (slower; catches truncated files).
+      verify_images: also decode every image at load time (slower; catches truncated files there;
+        otherwise such a record fails when its batch is built, is counted once in ``drops``
+        under the same reason and its slot stays padding, or is raised under "error").
     Throughput
       worker_count: image-decoding worker processes (0 = in the main process).
       worker_buffer_size: batches each worker prepares ahead.

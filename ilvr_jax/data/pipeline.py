@@ -395,7 +395,10 @@ class BatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         it = self._ensure()
-        batch = next(it)
+        try:
+            batch = next(it)
+        except RecordError as e:  # defensive: the builder reports failures in the batch instead
+            raise RecordError(e.where, e.reason, e.detail) from None
         failures = json.loads(batch.pop(_FAILURES_KEY))
         if self._pipeline.cfg.worker_count > 0:
             # Own copies: the shared-memory segments of grain's workers are released right away
