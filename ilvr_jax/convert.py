@@ -109,7 +109,7 @@ def load_training_params(checkpoint: str, which: str = "student"):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{root}: no model_config.json (not a training workdir of ilvr_jax.main)")
     cfg = ModelConfig.from_hf(cfg_path)
-    state = ckpt_lib.restore_state_item(step_dir)
+    state = ckpt_lib.restore_state_item(step_dir, only=("params", "teacher"))
     params = jax.tree.map(np.asarray, state["params"])
     if which == "teacher":
         if state.get("teacher") is None:

@@ -129,10 +129,12 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     manager.reload()
 
 
-def restore_state_item(path: str, abstract_tree: Any | None = None) -> Any:
+def restore_state_item(path: str, abstract_tree: Any | None = None, *, only: tuple[str, ...] | None = None) -> Any:
     """Restores just the ``state`` item of one checkpoint step directory (for export and
     for stage 2 starting from stage 1). Without ``abstract_tree`` arrays come back on the
-    first device in their saved layout."""
+    first device in their saved layout. ``only`` (e.g. ``("params", "teacher")``) reads just
+    those top-level entries of the state, so an export never loads the optimizer moments
+    (two more copies of the model)."""
     item = os.path.join(path, STATE)
     if not os.path.isdir(item):
         raise FileNotFoundError(f"{path}: not a training checkpoint step (no '{STATE}' item)")
@@ -145,7 +147,13 @@ def restore_state_item(path: str, abstract_tree: Any | None = None) -> Any:
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                                sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
                 tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        return ckptr.restore(item, abstract_tree)
+        if only is None:
+            return ckptr.restore(item, abstract_tree)
+    subtree = {k: abstract_tree[k] for k in only if k in abstract_tree}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(subtree)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(item, args=ocp.args.PyTreeRestore(item=subtree, restore_args=restore_args,
+                                                                partial_restore=True))
 
 
 def restore_json_item(step_dir: str, name: str = CONFIG) -> Any:

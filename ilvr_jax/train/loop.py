@@ -517,7 +517,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _restore_params(step_dir: str, abstract_params: Any) -> Any:
-    restored = ckpt_lib.restore_state_item(step_dir)
+    restored = ckpt_lib.restore_state_item(step_dir, only=("params",))
     params = restored["params"]
     got = jax.tree.map(lambda x: tuple(x.shape), params)
     want = jax.tree.map(lambda a: tuple(a.shape), abstract_params)

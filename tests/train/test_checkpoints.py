@@ -11,6 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from ilvr_jax.train import checkpoints as ckpt_lib
@@ -150,3 +151,23 @@ def test_path_helpers(tmp_path):
     assert ckpt_lib.restore_json_item(latest) == {"stage": 1}
     state = ckpt_lib.restore_state_item(latest)
     np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(_state(3)["params"]["w"]))
+
+
+def test_restore_state_item_reads_only_the_named_entries(tmp_path, monkeypatch):
+    """An export reads the parameters, never the optimizer moments: ``only`` restores the
+    named top-level entries, equal to a full restore, without reading the others' arrays."""
+    _save_steps(str(tmp_path), [1, 1], keep=0)
+    step_dir = str(tmp_path / "checkpoints" / "2")
+    full = ckpt_lib.restore_state_item(step_dir)
+    reads: list[str] = []
+    original = ocp.PyTreeCheckpointer.restore
+
+    def spy(self, directory, *a, **kw):
+        reads.append(sorted(kw["args"].item))
+        return original(self, directory, *a, **kw)
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", spy)
+    part = ckpt_lib.restore_state_item(step_dir, only=("params",))
+    assert sorted(part) == ["params"] and reads == [["params"]]
+    for k in ("w", "b"):
+        np.testing.assert_array_equal(np.asarray(part["params"][k]), np.asarray(full["params"][k]))
