@@ -80,13 +80,14 @@ def decode_config(tokenizer, cfg: ModelConfig, *, latent_size: int | None = None
 def generate_prompts(params, cfg: ModelConfig, prompts: Sequence[Prompt], tokenizer, *, batch_size: int = 8,
                      max_new_tokens: int = 4096, latent_size: int | None = None, latent_end_early: bool = False,
                      sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
-                     skip_special_tokens: bool = False, min_prompt_len: int = 16,
-                     **decode_kw) -> list[Generation]:
+                     skip_special_tokens: bool = False, min_prompt_len: int = 16, min_patches: int = 0,
+                     min_images: int = 1, **decode_kw) -> list[Generation]:
     """Generations of prompts, ``batch_size`` at a time (the last batch padded with filler
     rows, so every batch has the same compiled shapes up to the length buckets).
 
-    ``min_prompt_len``: the smallest prompt bucket; set it to the longest prompt of an eval
-    set and every batch shares one compiled prefill and loop."""
+    ``min_prompt_len`` / ``min_patches`` / ``min_images``: the smallest buckets (see
+    ``sampler.pad_prompts``); set to an eval set's largest prompt, every batch shares one
+    compiled prefill and loop."""
     dcfg = decode_config(tokenizer, cfg, latent_size=latent_size, latent_end_early=latent_end_early,
                          sampling=sampling, **decode_kw)
     stops = stop_token_ids(tokenizer, cfg) if stop_ids is None else tuple(stop_ids)
@@ -94,7 +95,7 @@ def generate_prompts(params, cfg: ModelConfig, prompts: Sequence[Prompt], tokeni
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])
         batch = pad_prompts(chunk, dcfg.pad_id, batch_size=batch_size, min_len=min_prompt_len,
-                            patch_dim=cfg.vision.patch_dim)
+                            min_patches=min_patches, min_images=min_images, patch_dim=cfg.vision.patch_dim)
         budgets = np.zeros((batch_size,), np.int32)
         budgets[: len(chunk)] = max_new_tokens
         out = generate_batch(params, cfg, dcfg, batch, budgets, stops, sampling)

@@ -99,18 +99,21 @@ class DecodeOutput(NamedTuple):
 
 
 def pad_prompts(prompts: Sequence[tuple[Sequence[int], np.ndarray, np.ndarray]], pad_id: int, *,
-                batch_size: int | None = None, min_len: int = 16, patch_dim: int) -> PromptBatch:
+                batch_size: int | None = None, min_len: int = 16, min_patches: int = 0, min_images: int = 1,
+                patch_dim: int) -> PromptBatch:
     """(ids, patches [p, patch_dim], grids [n, 3]) per row -> a bucketed, left-padded batch.
 
     Rows past ``len(prompts)`` (up to ``batch_size``) are filler rows of one pad token.
-    S, patches per row and images per row are rounded up with :func:`bucket`.
+    S, patches per row and images per row are rounded up with :func:`bucket` (at least
+    ``min_len``, ``min_patches``, ``min_images``). Without any image and ``min_patches == 0``
+    the batch has no pixel values (the vision tower is not run).
     """
     b = len(prompts) if batch_size is None else batch_size
     if b < len(prompts):
         raise ValueError(f"{len(prompts)} prompts for batch_size {b}")
     s = bucket(max(len(p[0]) for p in prompts), min_len)
-    n_img = bucket(max(len(p[2]) for p in prompts), 1)
-    n_patch = max(p[1].shape[0] for p in prompts)
+    n_img = bucket(max(len(p[2]) for p in prompts), min_images)
+    n_patch = max(max(p[1].shape[0] for p in prompts), min_patches)
     input_ids = np.full((b, s), pad_id, np.int32)
     mask = np.zeros((b, s), np.int32)
     mask[:, -1] = 1  # filler rows: one valid pad token, so no row is empty

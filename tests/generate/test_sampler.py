@@ -8,7 +8,8 @@ import pytest
 import torch
 from _latent_reference import K, naive_generate
 
-from ilvr_jax.generate import DecodeConfig, generate_batch, generate_prompts, pad_prompts, unpack
+from ilvr_jax.generate import DecodeConfig, decode_config, generate_batch, generate_prompts, pad_prompts, unpack
+from ilvr_jax.generate.sampler import compiled
 from ilvr_jax.generate.sampling import SamplingParams
 from ilvr_jax.ilvr.latent_decoding import LatentIds
 
@@ -107,8 +108,10 @@ def test_latent_mode_equals_naive_decoder(request, end_early):
 
 def test_batch_equals_rows_alone(gen_latent):
     s = gen_latent
-    kw = dict(max_new_tokens=N_LATENT, latent_size=K, stop_ids=[s.tokenizer.eos_token_id], min_prompt_len=64)
+    kw = dict(max_new_tokens=N_LATENT, latent_size=K, stop_ids=[s.tokenizer.eos_token_id], min_prompt_len=64,
+              min_patches=64, min_images=2)  # one compiled shape for the rows alone
     batched = generate_prompts(s.params, s.cfg, s.prompts, s.tokenizer, batch_size=4, **kw)
+    pre, loop = compiled(s.cfg, decode_config(s.tokenizer, s.cfg, latent_size=K))
     for r, p in enumerate(s.prompts):
         (alone,) = generate_prompts(s.params, s.cfg, [p], s.tokenizer, batch_size=1, **kw)
         b = batched[r]
@@ -116,6 +119,9 @@ def test_batch_equals_rows_alone(gen_latent):
         np.testing.assert_array_equal(b.latent_positions, alone.latent_positions)
         assert b.num_latent_spans == alone.num_latent_spans >= 2
         np.testing.assert_allclose(b.latents, alone.latents, rtol=0, atol=1e-5 * float(np.max(np.abs(alone.latents))))
+        if r == 0:
+            sizes = (pre._cache_size(), loop._cache_size())
+    assert (pre._cache_size(), loop._cache_size()) == sizes  # rows of 0-2 images, one shape
 
 
 def _decode_config(s, sample):
