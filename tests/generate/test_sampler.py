@@ -190,3 +190,26 @@ def test_equals_torch_twin_on_the_exported_model(request, tmp_path, end_early):
         np.testing.assert_allclose(g.latents, want.latents, rtol=0, atol=1e-4 * float(np.max(np.abs(want.latents))))
         n_latents += len(want.latent_positions)
     assert n_latents >= 4 * 2 * K if not end_early else n_latents >= 4 * K
+
+
+def test_bfloat16_decoding_tracks_float32(gen_latent):
+    """bf16 compute and cache: the same first spans as fp32 and fed latents within bf16 error."""
+    import jax.numpy as jnp
+
+    s = gen_latent
+    kw = dict(batch_size=4, max_new_tokens=12, latent_size=K, stop_ids=[s.tokenizer.eos_token_id])
+    f32 = generate_prompts(s.params, s.cfg, s.prompts, s.tokenizer, **kw)
+    bf16 = generate_prompts(s.params, s.cfg, s.prompts, s.tokenizer, dtype=jnp.bfloat16, **kw)
+    agree = 0
+    for a, b in zip(f32, bf16):
+        assert b.latents.dtype == np.float32 and np.all(np.isfinite(b.latents))
+        n = 0
+        while n < min(len(a.token_ids), len(b.token_ids)) and a.token_ids[n] == b.token_ids[n]:
+            n += 1
+        agree += n
+        shared = [i for i, p in enumerate(a.latent_positions) if p < n]
+        if shared:
+            x, y = a.latents[shared], b.latents[shared]
+            cos = np.sum(x * y, -1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+            assert cos.min() > 0.99, cos
+    assert agree >= 2 * len(f32)
