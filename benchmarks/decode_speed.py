@@ -99,7 +99,8 @@ def main(argv=None) -> None:
     base = {r["mode"]: r["tok_s"] for r in rows if r["batch"] == 1}
     for r in rows:
         speedup = f"{r['tok_s'] / base[r['mode']]:.2f}x" if r["mode"] in base else "-"
-        print(f"{r['batch']:>5} {r['mode']:>7} {r['ms_step']:>9.3f} {r['tok_s']:>10.0f} {r['fed']:>10.0%} {speedup:>11}")
+        print(f"{r['batch']:>5} {r['mode']:>7} {r['ms_step']:>9.3f} {r['tok_s']:>10.0f} {r['fed']:>10.0%} "
+              f"{speedup:>11}")
     print()
     for b in sorted({r["batch"] for r in rows}):
         by = {r["mode"]: r for r in rows if r["batch"] == b}

@@ -14,6 +14,7 @@ from ilvr_jax.generate.sampling import SamplingParams, choose_tokens, filter_log
 
 __all__ = [
     "DecodeConfig", "DecodeOutput", "Generation", "Prompt", "PromptBatch", "SamplingParams", "bucket",
-    "choose_tokens", "decode_config", "decode_loop", "filter_logits", "generate_batch", "generate_jsonl", "generate_prompts",
+    "choose_tokens", "decode_config", "decode_loop", "filter_logits", "generate_batch", "generate_jsonl",
+    "generate_prompts",
     "generate_records", "latent_token_ids", "pad_prompts", "prefill", "record_prompt", "stop_token_ids", "unpack",
 ]

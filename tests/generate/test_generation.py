@@ -33,7 +33,8 @@ def test_jsonl_generations_equal_prompts_alone_and_reuse_compiled_shapes(gen_lat
         prompt = record_prompt(rec, s.tokenizer, s.image_cfg, root=tmp_path)
         (alone,) = generate_prompts(s.params, s.cfg, [prompt], s.tokenizer, batch_size=2, **kw)
         np.testing.assert_array_equal(g.token_ids, alone.token_ids)
-        np.testing.assert_allclose(g.latents, alone.latents, rtol=0, atol=1e-5 * max(1.0, np.abs(alone.latents).max(initial=0)))
+        scale = max(1.0, float(np.abs(alone.latents).max(initial=0)))
+        np.testing.assert_allclose(g.latents, alone.latents, rtol=0, atol=1e-5 * scale)
         assert g.text == s.tokenizer.decode(g.token_ids.tolist())
         assert len(g.token_ids) == 20 or g.stopped
     # Prompts of other lengths and image counts within the same buckets: no new compilation.

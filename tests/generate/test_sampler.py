@@ -29,7 +29,8 @@ def _hf_inputs(setup):
     return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                 mm_token_type_ids=torch.from_numpy((ids == setup.cfg.image_token_id).astype(np.int64)),
                 pixel_values=torch.from_numpy(np.concatenate([p.pixel_values for p in setup.prompts])),
-                image_grid_thw=torch.from_numpy(np.concatenate([p.image_grid_thw for p in setup.prompts]).astype(np.int64)))
+                image_grid_thw=torch.from_numpy(
+                    np.concatenate([p.image_grid_thw for p in setup.prompts]).astype(np.int64)))
 
 
 def _hf_generate(model, setup, eos_ids):
