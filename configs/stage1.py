@@ -67,6 +67,10 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("data.worker_count", 2, "image-decoding worker processes per host (0 = in the training process)"),
     ("data.drop_policy", "skip", "a bad record: 'skip' (counted and logged) or 'error' (stop, naming it)"),
     ("data.drop_remainder", False, "drop each length bucket's last short batch instead of padding it"),
+    ("data.eval_path", "", "held-out records for train.eval_every (through data.adapter); maze adapter without "
+                           "it: data.eval_records mazes are generated, none of them a training map"),
+    ("data.eval_records", 64, "held-out mazes generated for train.eval_every (maze adapter without data.eval_path)"),
+    ("data.scorer", "", "answer scorer of the evaluation: comt, vsp, maze or zebra; '' = the adapter's"),
     ("data.generate_records", 0, "adapter 'maze' without train_path: this many mazes are generated into the workdir"),
     ("data.maze_sizes", (3, 6), "grid sizes (smallest, largest) of generated mazes"),
     # optim
@@ -86,6 +90,12 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("train.keep_best_metric", "", "'', 'loss', 'ce' or 'sim': also keep the checkpoint with the lowest mean"),
     ("train.async_checkpoints", True, "write checkpoints in the background"),
     ("train.nan_policy", "stop", "a non-finite loss or gradient: 'stop' the run or 'skip' the update"),
+    ("train.eval_every", 0, "every N steps (and at the end) generate on the held-out split with latents and log "
+                            "the accuracy (eval_accuracy); 0 = never"),
+    ("train.eval_batch_size", 8, "rows per generation batch of the evaluation (divisible by data x fsdp)"),
+    ("train.eval_max_new_tokens", 512, "the evaluation's generation budget per record"),
+    ("train.eval_ablations", "", "also evaluate with the latents ablated, e.g. 'zeros,noise' (zeros, pad, shuffle, "
+                                 "noise), reported as eval_accuracy_<mode>"),
     ("train.init_from", "", "stage 2: the stage-1 workdir (or one of its checkpoints/STEP directories)"),
     ("train.export_at_end", True, "write an HF directory of the final student into WORKDIR/export_hf"),
     ("train.loss_normalization", "sample", "'sample': the reference's mean over samples of token-mean CE; "
@@ -96,6 +106,12 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     # mesh
     ("mesh.shape", (1, -1, 1), "(data, fsdp, tensor) device mesh; -1 = all remaining devices"),
     ("mesh.distributed", False, "multi-host: call jax.distributed.initialize() first (TPU pods, GPU clusters)"),
+    ("mesh.coordinator_address", "", "multi-host: 'host:port' of process 0's coordinator; '' = auto-detect "
+                                     "(Cloud TPU, Slurm, Open MPI, Kubernetes)"),
+    ("mesh.num_processes", -1, "multi-host: the number of processes (one per host); -1 = auto-detect"),
+    ("mesh.process_id", -1, "multi-host: this process's index, 0 .. num_processes-1; -1 = auto-detect"),
+    ("mesh.local_device_ids", "", "multi-host: comma-separated local device ids this process uses; '' = all "
+                                  "(or auto-detect)"),
 )
 DOCS = {key: doc for key, _, doc in KEYS}
 

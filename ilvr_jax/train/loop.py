@@ -25,6 +25,8 @@ from ilvr_jax.model import qwen25vl
 from ilvr_jax.model.config import ModelConfig
 from ilvr_jax.model.layers import REMAT_POLICIES
 from ilvr_jax.train import checkpoints as ckpt_lib
+from ilvr_jax.train import distributed
+from ilvr_jax.train import evaluation
 from ilvr_jax.train import mesh as mesh_lib
 from ilvr_jax.train import metrics as metrics_lib
 from ilvr_jax.train import optimizer as opt_lib
@@ -124,6 +126,7 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None) ->
             errs.append(f"data.train_path: {c.data.train_path} does not exist")
     if c.data.image_root and not os.path.isdir(c.data.image_root):
         errs.append(f"data.image_root: {c.data.image_root} is not a directory")
+    errs += evaluation.config_errors(c)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -147,6 +150,8 @@ def check_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     if per_micro % dp:
         raise ConfigError(f"the micro-batch ({c.data.batch_size} / {c.optim.grad_accum_steps} accumulation "
                           f"steps = {per_micro}) must be divisible by data x fsdp = {dp} ({n} devices)")
+    if int(c.train.eval_every) > 0 and int(c.train.eval_batch_size) % dp:
+        raise ConfigError(f"train.eval_batch_size {c.train.eval_batch_size} must be divisible by data x fsdp = {dp}")
     if int(c.data.batch_size) % jax.process_count():
         raise ConfigError(f"data.batch_size {c.data.batch_size} must be divisible by the process count "
                           f"{jax.process_count()}")
@@ -161,10 +166,13 @@ def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, str |
 
     data_dir = os.path.join(workdir, "data")
     root = c.data.image_root or None
+    # Every process has written the run's model files (prepare_model) before any reads them.
+    distributed.barrier("ilvr model files")
     if c.data.adapter == "canonical":
         return c.data.train_path, root
     out = os.path.join(data_dir, "train.jsonl")
-    if os.path.isfile(out):
+    if os.path.isfile(out):   # the barrier of _wait_for still runs: process 0 may have just written it
+        _wait_for(out)
         return out, None
     os.makedirs(data_dir, exist_ok=True)
     if c.data.adapter == "maze" and not c.data.train_path:
@@ -189,11 +197,15 @@ def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, str |
     return out, None
 
 
-def _wait_for(path: str, timeout: float = 3600.0) -> None:
+def _wait_for(path: str, timeout: float = 120.0) -> None:
+    """After process 0 wrote ``path`` (the barrier: it failing ends the others too), the
+    file must appear on every host; a network filesystem may show it a little later."""
+    distributed.barrier("ilvr data")
     t0 = time.time()
     while not os.path.exists(path):
         if time.time() - t0 > timeout:
-            raise TimeoutError(f"waited {timeout:.0f}s for {path} (written by process 0)")
+            raise ConfigError(f"{path}: written by process 0 but not visible to process {jax.process_index()} "
+                              f"after {timeout:.0f}s; the workdir must be on a filesystem shared by all hosts")
         time.sleep(1.0)
 
 
@@ -303,10 +315,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
     validate_config(c, workdir)
     if c.mesh.distributed:
         try:
-            jax.distributed.initialize()
-        except (ValueError, RuntimeError) as e:
-            raise ConfigError(f"mesh.distributed=True, but jax.distributed.initialize() found no multi-host "
-                              f"cluster here ({str(e).splitlines()[0]}); on a single host set "
+            distributed.initialize(c)
+        except distributed.DistributedInitError as e:
+            raise ConfigError(f"mesh.distributed=True, but {e}; on a single host set "
                               "--config.mesh.distributed=False") from None
     mesh = check_mesh(c)
     workdir = os.path.abspath(workdir)
@@ -367,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
         state = init(params, jax.random.PRNGKey(int(c.seed)))
     del params
     try:
-        it = pipe.iterator(data_state)
+        it = distributed.data_iterator(pipe, data_state)   # checkpoints carry every process's position
     except ValueError as e:
         if data_state is None:
             raise
@@ -395,6 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
 
     thr = metrics_lib.Throughput(0.0, jax.device_count(), metrics_lib.peak_flops_per_device())
     writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start_step)
+    eval_hook = evaluation.EvalHook(c, workdir, train_path, model_cfg, tok_dir, image_cfg, mesh) \
+        if int(c.train.eval_every) > 0 else None
     config_json = json.loads(c.to_json_best_effort())
     last: dict[str, float] = {}
     logger.info("training steps %d..%d (stage %d, %d devices, mesh %s)", start_step, total_steps, scfg.stage,
@@ -408,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
     with preemption.catch_stop_signals() as stop_request:
         try:
             while step < total_steps:
-                if stop_request.signal is not None:
+                if distributed.agreed_stop_signal(stop_request) is not None:   # all processes stop at one step
                     _stop_with_checkpoint(stop_request, manager, step, start_step, state, it, config_json)
                 try:
                     host_batch = next(it)
@@ -439,11 +452,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
                 if step % int(c.train.log_every) == 0 or step == total_steps:
                     scalars = {k: float(v) for k, v in m.items() if k != "finite"}
                     scalars.update(thr.read())   # tokens_per_s, step_time_s, tflops_per_device, mfu (None: unknown)
-                    writer.write(step, scalars, extra={"batch_fingerprint": metrics_lib.batch_fingerprint(host_batch),
+                    writer.write(step, scalars, extra={"batch_fingerprint": distributed.batch_fingerprint(host_batch),
                                                        "finite": finite})
                     last = {k: v for k, v in scalars.items() if v is not None}
                     bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "ce", "sim", "kstar") if k in scalars})
                     logger.info("step %d: %s", step, metrics_lib.format_scalars(scalars))
+                if eval_hook is not None and eval_hook.due(step, total_steps):
+                    writer.write(step, eval_hook(step, state.params))
+                    thr.skip()           # the evaluation's time is not a training step's
                 # Ranks checkpoints for train.keep_best_metric: the mean since the previous one.
                 ckpt_metrics = {best_metric: float(np.mean(best_acc))} if best_metric and best_acc else None
                 if ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=step == total_steps,
@@ -453,14 +469,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
             bar.close()
             manager.wait_until_finished()
             writer.close()
-    if c.train.export_at_end and jax.process_index() == 0:
-        from ilvr_jax.checkpoint.hf import export_params_to_hf
+    if c.train.export_at_end:
+        host_params = distributed.fetch_to_host(state.params)   # every process: params may span processes
+        if jax.process_index() == 0:
+            from ilvr_jax.checkpoint.hf import export_params_to_hf
 
-        out = os.path.join(workdir, "export_hf")
-        source = run_model.source_config(workdir)
-        export_params_to_hf(jax.tree.map(np.asarray, state.params), model_cfg, out, tok_dir,
-                            dtype=run_model.source_dtype(source), source_config=source)
-        logger.info("exported the student to %s", out)
+            out = os.path.join(workdir, "export_hf")
+            source = run_model.source_config(workdir)
+            export_params_to_hf(host_params, model_cfg, out, tok_dir,
+                                dtype=run_model.source_dtype(source), source_config=source)
+            logger.info("exported the student to %s", out)
+        del host_params
+        distributed.barrier("ilvr export")   # no process exits while process 0 still writes
     logger.info("done at step %d: checkpoints in %s, TensorBoard logs in %s", step, manager.directory,
                 writer.path)
     if not last:   # nothing ran in this start: the last metrics logged before it
@@ -500,7 +520,9 @@ def _data_state_mismatch(manager, step: int, c: ml_collections.ConfigDict) -> st
     old, new = _flatten(saved), _flatten(json.loads(c.to_json_best_effort()))
     relevant = [k for k in sorted(set(old) | set(new)) if k.startswith("data.") or k in (
         "seed", "ilvr.latent_size", "train.num_epochs", "optim.grad_accum_steps")]
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in relevant if old.get(k) != new.get(k)]
+    absent = "(absent)"
+    changed = [f"{k} {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in relevant
+               if old.get(k, absent) != new.get(k, absent)]
     where = f"the checkpoint of step {step} in {manager.directory}"
     if changed:
         return (f"{where} was written with other data settings: {'; '.join(changed)}. Resume with the old "

@@ -1,0 +1,132 @@
+"""Evaluation during training (``train.eval_every``): every N optimizer steps the student
+generates on a held-out split with its latents (``ilvr_jax.evaluate.evaluate``), the data
+set's scorer judges the answers, and the accuracy goes to the metrics log and TensorBoard.
+
+The held-out split is ``data.eval_path`` (through the run's adapter, as the training data);
+with the maze adapter and no path, ``data.eval_records`` mazes are generated into the
+workdir from another seed, leaving out every map that is also in the training set, so the
+evaluation never sees a training maze.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+logger = logging.getLogger("ilvr_jax")
+
+# The scorer of each adapter's data set (canonical records need data.scorer).
+ADAPTER_SCORERS = {"maze": "maze", "vsp": "vsp", "comt": "comt", "zebra": "zebra"}
+EVAL_DIR = "eval"
+
+
+def scorer_name(c: ml_collections.ConfigDict) -> str:
+    return str(c.data.scorer) or ADAPTER_SCORERS.get(str(c.data.adapter), "")
+
+
+def config_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """The eval settings' problems (checked with the rest of the config, before any work)."""
+    if int(c.train.eval_every) <= 0:
+        return []
+    errs = []
+    if not scorer_name(c):
+        errs.append(f"train.eval_every needs data.scorer for adapter {c.data.adapter!r} (comt, vsp, maze or zebra)")
+    if not c.data.eval_path and c.data.adapter != "maze":
+        errs.append("train.eval_every needs data.eval_path (the held-out records)")
+    if c.data.eval_path and not os.path.exists(c.data.eval_path):
+        errs.append(f"data.eval_path: {c.data.eval_path} does not exist")
+    if int(c.train.eval_max_new_tokens) < 1:
+        errs.append(f"train.eval_max_new_tokens must be >= 1, got {c.train.eval_max_new_tokens}")
+    return errs
+
+
+def heldout_mazes(out_dir: str, n: int, seed: int, sizes: tuple[int, int], train_path: str) -> str:
+    """``out_dir/eval.jsonl``: ``n`` mazes from ``seed`` that share no map with the records
+    of ``train_path`` (small grids repeat), with their images; returns the path."""
+    from ilvr_jax.data import maze
+    from ilvr_jax.data.records import write_jsonl
+
+    path = os.path.join(out_dir, "eval.jsonl")
+    if os.path.isfile(path):
+        return path
+    with open(train_path, encoding="utf-8") as f:
+        seen = {json.dumps(json.loads(line).get("map_desc")) for line in f if line.strip()}
+    kept = [r for r in maze.generate_maze_records(4 * n, seed, tuple(sizes))
+            if json.dumps(r.get("map_desc")) not in seen][:n]
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        for r in kept:
+            maze.write_record_images(r, out_dir)
+        write_jsonl(path + ".tmp", kept)
+        os.replace(path + ".tmp", path)
+    deadline = time.time() + 600
+    while not os.path.isfile(path):   # the other processes wait for process 0's files
+        if time.time() > deadline:
+            raise TimeoutError(f"waited 600 s for {path} (written by process 0)")
+        time.sleep(0.5)
+    return path
+
+
+def eval_records_path(c: ml_collections.ConfigDict, workdir: str, train_path: str) -> tuple[str, str | None]:
+    """(held-out JSONL, image root or None) for ``train.eval_every``."""
+    out_dir = os.path.join(workdir, "data", EVAL_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    if not c.data.eval_path:
+        return heldout_mazes(out_dir, int(c.data.eval_records), int(c.seed) + 1, tuple(c.data.maze_sizes),
+                             train_path), None
+    if c.data.adapter == "canonical":
+        return str(c.data.eval_path), c.data.image_root or None
+    from ilvr_jax.data import records as rec_lib
+    from ilvr_jax.data.adapters import get_adapter, relative_paths
+
+    path = os.path.join(out_dir, "eval.jsonl")
+    if not os.path.isfile(path) and jax.process_index() == 0:
+        kwargs = {"image_root": c.data.image_root or None} if c.data.adapter != "zebra" else {"out_dir": out_dir}
+        rec_lib.write_jsonl(path + ".tmp", (relative_paths(r, out_dir) for r in
+                                            get_adapter(c.data.adapter).iter_records(c.data.eval_path, **kwargs)))
+        os.replace(path + ".tmp", path)
+    return path, None
+
+
+class EvalHook:
+    """``hook(step, params)`` -> scalars for the metrics log (``eval_accuracy``, and per
+    ablation ``eval_accuracy_<mode>``); writes ``WORKDIR/eval/step_N/`` (samples + summary)."""
+
+    def __init__(self, c: ml_collections.ConfigDict, workdir: str, train_path: str, model_cfg, tok_dir: str,
+                 image_cfg, mesh=None):
+        from transformers import AutoTokenizer
+
+        from ilvr_jax.data.records import read_jsonl
+
+        self.every = int(c.train.eval_every)
+        path, root = eval_records_path(c, workdir, train_path)
+        self.records = list(read_jsonl(path, root))
+        self.scorer = scorer_name(c)
+        self.model_cfg, self.image_cfg, self.mesh = model_cfg, image_cfg, mesh
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        self.out_root = os.path.join(workdir, EVAL_DIR)
+        self.kw = dict(batch_size=int(c.train.eval_batch_size), max_new_tokens=int(c.train.eval_max_new_tokens),
+                       ablations=str(c.train.eval_ablations), seed=int(c.seed), latent_size=int(c.ilvr.latent_size))
+        logger.info("evaluation every %d steps on %d held-out records of %s (scorer %s)", self.every,
+                    len(self.records), path, self.scorer)
+
+    def due(self, step: int, last_step: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == last_step)
+
+    def __call__(self, step: int, params: Any) -> dict[str, float]:
+        from ilvr_jax.evaluate.run import evaluate, format_table
+
+        summary = evaluate(params, self.model_cfg, self.tokenizer, self.image_cfg, self.records, self.scorer,
+                           out_dir=os.path.join(self.out_root, f"step_{step}"), mesh=self.mesh, progress=False,
+                           **self.kw)
+        logger.info("evaluation at step %d:\n%s", step, format_table(summary))
+        out = {}
+        for mode, entry in summary["modes"].items():
+            out["eval_accuracy" if mode == "normal" else f"eval_accuracy_{mode}"] = float(entry["accuracy"])
+        return out
