@@ -119,15 +119,21 @@ def _forbidden_strings(tokenizer) -> tuple[str, ...]:
     return tuple(sorted(fixed | set(getattr(tokenizer, "all_special_tokens", ()) or ())))
 
 
+def check_no_control_tokens(name: str, text: str, tokenizer, where: str) -> None:
+    """``text`` (the record field ``name``) must not contain a control token (it would be
+    tokenised as one): the chat, vision and latent tokens, and the tokenizer's special
+    tokens (``tokenizer`` may be None)."""
+    for tok in _forbidden_strings(tokenizer):
+        if tok in text:
+            raise RecordError(where, SPECIAL_IN_TEXT, f"{name} contains the control token {tok!r}")
+
+
 def check_text(rec: Mapping[str, Any], tokenizer, where: str) -> None:
-    """Record text must not contain control tokens (they would be tokenised as controls): the
-    chat, vision and latent tokens, and the tokenizer's special tokens (``tokenizer`` may be None)."""
+    """Every text of a record passes :func:`check_no_control_tokens`."""
     texts = [("text_input", rec["text_input"]), ("original_final_answer", rec["original_final_answer"])]
     texts += [(f"sequence_plan[{i}]", s["content"]) for i, s in enumerate(rec["sequence_plan"]) if s["type"] == "text"]
     for name, text in texts:
-        for tok in _forbidden_strings(tokenizer):
-            if tok in text:
-                raise RecordError(where, SPECIAL_IN_TEXT, f"{name} contains the control token {tok!r}")
+        check_no_control_tokens(name, text, tokenizer, where)
 
 
 @dataclasses.dataclass

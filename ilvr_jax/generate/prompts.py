@@ -18,7 +18,7 @@ import numpy as np
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data.records import (IMAGE_PLACEHOLDERS, MISSING_KEY, UNREADABLE_IMAGE, WRONG_TYPE, RecordError,
                                    resolve_image_path)
-from ilvr_jax.data.segments import LATENT_END, LATENT_PAD, LATENT_START, SPECIAL_IN_TEXT, _forbidden_strings
+from ilvr_jax.data.segments import LATENT_END, LATENT_PAD, LATENT_START, check_no_control_tokens
 
 
 class Prompt(NamedTuple):
@@ -44,9 +44,7 @@ def record_prompt(rec: Mapping[str, Any], tokenizer, image_cfg: proc.ImageProces
         raise RecordError(where, WRONG_TYPE, f"text_input is a {type(text).__name__}, not a string")
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise RecordError(where, WRONG_TYPE, "image_input must be a list of path strings")
-    for tok in _forbidden_strings(tokenizer):
-        if tok in text:
-            raise RecordError(where, SPECIAL_IN_TEXT, f"text_input contains the control token {tok!r}")
+    check_no_control_tokens("text_input", text, tokenizer, where)
     loaded = []
     for p in images:
         full = resolve_image_path(p, root)
