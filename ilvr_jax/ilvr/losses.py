@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ilvr_jax import sharding
 from ilvr_jax.ilvr.selection import cosine_similarity
 
 IGNORE_INDEX = -100
@@ -28,6 +29,60 @@ def next_token_ce_per_sample(logits: jax.Array, labels: jax.Array) -> tuple[jax.
     nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
     nll = jnp.where(valid, nll, 0.0)
     return nll.sum(-1), valid.sum(-1).astype(jnp.int32)
+
+
+def next_token_ce_chunked(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
+                          tied: bool, chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """:func:`next_token_ce_per_sample` of ``hidden @ W`` without the [B, S, V] logits.
+
+    hidden [B, S, D] (final-normed, compute dtype); head: ``lm_head.kernel`` [D, V], or the
+    token embedding [V, D] when ``tied``; labels [B, S]. Returns (sum [B] fp32, count [B]
+    int32), the same numbers as ``next_token_ce_per_sample(lm_logits(hidden), labels)``.
+
+    The sequence is cut into ``chunk``-token pieces (the last one padded with ignored
+    targets) and a ``lax.scan`` computes each piece's fp32 logits (the head cast to the
+    hidden dtype, fp32 accumulation, as ``lm_logits``), logsumexp and label logit. The body
+    is rematerialised, so the backward recomputes a piece's logits instead of keeping all of
+    them: at most one [B, chunk, V] block is live, instead of [B, S, V].
+    """
+    if chunk < 1:
+        raise ValueError(f"CE chunk must be >= 1 tokens, got {chunk}")
+    b, s, d = hidden.shape
+    expected = 1 if tied else 0  # the axis of size D
+    if head.ndim != 2 or head.shape[expected] != d:
+        layout = "[V, D] (tied embedding)" if tied else "[D, V] (lm_head kernel)"
+        raise ValueError(f"LM head of shape {head.shape} is not {layout} for hidden size {d}")
+    # Position t predicts labels[t + 1]; the last position predicts nothing.
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    h = h.reshape(b, n, chunk, d).swapaxes(0, 1)                 # [n, B, C, D]
+    targets = targets.reshape(b, n, chunk).swapaxes(0, 1)        # [n, B, C]
+
+    def piece(w, h_c, t_c):
+        w = w.astype(h_c.dtype)
+        spec = "bcd,vd->bcv" if tied else "bcd,dv->bcv"
+        logits = jnp.einsum(spec, h_c, w, preferred_element_type=jnp.float32).astype(jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+        valid = t_c != IGNORE_INDEX
+        tgt = jnp.where(valid, t_c, 0)
+        # log_softmax's own steps (shift by the stopped max), so the values match it.
+        shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+        nll = lse - jnp.take_along_axis(shifted, tgt[..., None], axis=-1)[..., 0]
+        return jnp.where(valid, nll, 0.0)
+
+    piece = jax.checkpoint(piece, prevent_cse=False)
+
+    def body(carry, xs):
+        return carry, piece(head, *xs)
+
+    _, nll = jax.lax.scan(body, None, (h, targets))              # [n, B, C]
+    nll = nll.swapaxes(0, 1).reshape(b, n * chunk)[:, : s - 1]
+    count = (labels[:, 1:] != IGNORE_INDEX).sum(-1).astype(jnp.int32)
+    return nll.sum(-1), count
 
 
 def next_token_ce(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

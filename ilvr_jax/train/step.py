@@ -31,6 +31,7 @@ import optax
 
 from ilvr_jax import sharding as sh
 from ilvr_jax import ilvr
+from ilvr_jax.ilvr import losses as ce_losses
 from ilvr_jax.model import qwen25vl, rope, vision
 from ilvr_jax.model.config import ModelConfig
 from ilvr_jax.train import optimizer as opt_lib
@@ -83,6 +84,7 @@ class StepConfig:
     nan_policy: str = "stop"           # "stop": report non-finite loss; "skip": also keep the old state
     loss_normalization: str = "sample"  # "sample" (the reference) or "token"
     stage2_chunk_len: int | tuple | None = None  # stage-2 text-chunk windows (see ilvr.recurrence)
+    ce_chunk: int = 1024               # CE over this many tokens at a time (no [B,S,V] logits); 0: full logits
 
     def __post_init__(self):
         if self.stage not in (1, 2):
@@ -99,6 +101,8 @@ class StepConfig:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.ce_chunk < 0:
+            raise ValueError(f"ce_chunk must be >= 0 (0 = full logits), got {self.ce_chunk}")
         if self.loss_normalization not in ("sample", "token"):
             raise ValueError(f"loss_normalization must be 'sample' or 'token', got {self.loss_normalization!r}")
         m = self.model
@@ -174,6 +178,16 @@ def _input_embeds(params: Params, cfg: StepConfig, batch: Batch, question_feats:
     return qwen25vl.merge_image_features(embeds, ids, question_feats.astype(cfg.compute_dtype), cfg.model)
 
 
+def _next_token_ce(params: Params, cfg: StepConfig, hidden: jax.Array, labels: jax.Array):
+    """Per-sample next-token CE (sum [B], count [B]) of the LM head on ``hidden``: in
+    ``cfg.ce_chunk``-token pieces, or from the full [B, S, V] logits when it is 0."""
+    if cfg.ce_chunk == 0:
+        return ilvr.next_token_ce_per_sample(qwen25vl.lm_logits(params, cfg.model, hidden), labels)
+    tied = cfg.model.text.tie_word_embeddings
+    head = params["text"]["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]
+    return ce_losses.next_token_ce_chunked(hidden, head, labels, tied=tied, chunk=cfg.ce_chunk)
+
+
 def student_stage1(params: Params, cfg: StepConfig, batch: Batch, question_feats: jax.Array,
                    position_ids: jax.Array, sel: ilvr.Selection, noise_key: jax.Array):
     """Teacher-forced student forward -> (CE sum [B], CE count [B], L_sim [B], pairs [B])."""
@@ -183,8 +197,9 @@ def student_stage1(params: Params, cfg: StepConfig, batch: Batch, question_feats
         batch["segment_mask"])
     out = qwen25vl.forward(params, cfg.model, batch["input_ids"], batch["attention_mask"],
                            inputs_embeds=embeds, position_ids=position_ids, dtype=cfg.compute_dtype,
-                           remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl)
-    ce_sum, ce_count = ilvr.next_token_ce_per_sample(out.logits, batch["labels"])
+                           remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl,
+                           return_logits=False)
+    ce_sum, ce_count = _next_token_ce(params, cfg, out.hidden, batch["labels"])
     sim, pairs = ilvr.latent_alignment_loss(out.hidden, embeds, fed_mask, noise_key, cfg.noise_scale)
     return ce_sum, ce_count, sim, pairs
 
@@ -200,8 +215,7 @@ def student_stage2(params: Params, cfg: StepConfig, batch: Batch, question_feats
         batch["latent_starts"], batch["segment_mask"], cfg.latent_size, chunk_len=cfg.stage2_chunk_len,
         dtype=cfg.compute_dtype,
         remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl)
-    logits = qwen25vl.lm_logits(params, cfg.model, hidden)
-    return ilvr.next_token_ce_per_sample(logits, batch["labels"])
+    return _next_token_ce(params, cfg, hidden, batch["labels"])
 
 
 # ----------------------------------------------------------------------------- the step
