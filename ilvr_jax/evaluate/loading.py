@@ -1,0 +1,119 @@
+"""What the evaluation commands read: a model (training run or HF directory) with the
+tokenizer and image settings it was trained with, and records through a data adapter.
+
+A model is
+
+* a training workdir of ``python -m ilvr_jax.main`` (its newest checkpoint, or ``step``),
+  its ``checkpoints`` directory or one step directory: parameters of the student (or, with
+  ``teacher``, the momentum teacher), ``model_config.json``, and the run's ``tokenizer/``
+  directory (tokenizer with the latent tokens, ``preprocessor_config.json`` with the pixel
+  budgets the run trained with);
+* an HF Qwen2.5-VL directory (``config.json``, safetensors, tokenizer and
+  ``preprocessor_config.json``), e.g. an export of ``python -m ilvr_jax.convert to-hf``.
+
+Weights are read from orbax checkpoints or safetensors only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from ilvr_jax.data import processor as proc
+from ilvr_jax.data.records import LocatedRecord, read_jsonl
+from ilvr_jax.model.config import ModelConfig
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# The scorer of each adapter's data set (the canonical layout says nothing about its answers).
+ADAPTER_SCORERS = {"comt": "comt", "vsp": "vsp", "maze": "maze", "zebra": "zebra"}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """params (numpy tree), cfg, tokenizer, image_cfg, and where they came from."""
+
+    params: Any
+    cfg: ModelConfig
+    tokenizer: Any
+    image_cfg: proc.ImageProcessorConfig
+    source: str
+    tokenizer_dir: str
+
+
+def load_tokenizer(tok_dir: str):
+    """The tokenizer of ``tok_dir`` with a chat template (one line naming the directory otherwise)."""
+    from transformers import AutoTokenizer
+
+    from ilvr_jax.checkpoint import tokenizer_files
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as e:  # noqa: BLE001 (transformers raises many kinds; report one line)
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{tok_dir}: the tokenizer cannot be loaded ({type(e).__name__}: {msg})") from None
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = tokenizer_files.chat_template(tok_dir)
+    if not tok.chat_template:
+        raise ValueError(f"{tok_dir}: the tokenizer has no chat template (Qwen2.5-VL's is needed for prompts)")
+    return tok
+
+
+def image_config(tok_dir: str) -> proc.ImageProcessorConfig:
+    """The image settings of ``tok_dir/preprocessor_config.json`` (required: evaluating at
+    other pixel budgets than training silently changes the inputs)."""
+    path = os.path.join(tok_dir, PREPROCESSOR_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (the image processor settings the model was trained with)")
+    return proc.ImageProcessorConfig.from_hf(path)
+
+
+def load_model(model: str, *, step: int | None = None, teacher: bool = False) -> LoadedModel:
+    """A training run / checkpoint step / HF directory -> :class:`LoadedModel` (see module doc)."""
+    from ilvr_jax import convert
+
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"{model}: does not exist")
+    if convert.is_training_checkpoint(model):
+        path = model
+        if step is not None:
+            # The checkpoint layout belongs to training; it is read lazily, for this path only.
+            from ilvr_jax.train import checkpoints as ckpt_lib
+
+            path = os.path.join(ckpt_lib.checkpoint_dir(ckpt_lib.run_root(model)), str(int(step)))
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"{path}: no checkpoint for --step {step}")
+        cfg, params, tok_dir = convert.load_training_params(path, "teacher" if teacher else "student")
+        if tok_dir is None:
+            raise FileNotFoundError(f"{model}: the run has no tokenizer/ directory")
+    else:
+        if teacher:
+            raise ValueError(f"{model}: --teacher needs a training checkpoint (an HF directory holds one model)")
+        if step is not None:
+            raise ValueError(f"{model}: --step needs a training workdir")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise FileNotFoundError(f"{model}: neither a training workdir nor an HF directory (no config.json)")
+        from ilvr_jax.checkpoint.hf import load_hf_params
+
+        cfg, params = load_hf_params(model)
+        tok_dir = model
+    return LoadedModel(params, cfg, load_tokenizer(tok_dir), image_config(tok_dir), os.path.abspath(model), tok_dir)
+
+
+def load_records(data: str, adapter: str, *, work_dir: str | None = None) -> list[LocatedRecord | dict]:
+    """Records of ``data`` through ``adapter``. ``canonical`` keeps each record's file and
+    line for error messages; the other adapters yield checked records with absolute image
+    paths (``zebra`` writes its images under ``work_dir/zebra_images``)."""
+    from ilvr_jax.data.adapters import get_adapter
+
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"{data}: does not exist")
+    if adapter == "canonical" and os.path.isfile(data):
+        return list(read_jsonl(data))
+    ad = get_adapter(adapter)
+    kw: dict[str, Any] = {}
+    if adapter == "zebra":
+        if work_dir is None:
+            raise ValueError("the zebra adapter needs a directory for the images it extracts")
+        kw["out_dir"] = os.path.join(work_dir, "zebra_images")
+    return list(ad.iter_records(data, **kw))

@@ -1,0 +1,95 @@
+"""The evaluation program: samples and summary files, resuming, determinism, the summary's
+numbers against the rows, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ilvr_jax.evaluate.__main__ import main
+from ilvr_jax.evaluate.run import SAMPLES_FILE, SUMMARY_FILE, evaluate, read_samples
+
+
+def _cli(s, out, *extra):
+    return main(["--model", s.hf_dir, "--data", s.data_path, "--adapter", "canonical", "--scorer", "maze",
+                 "--out", str(out), "--batch-size", "4", "--max-new-tokens", "16", "--no-progress", *extra])
+
+
+def test_resume_skips_done_ids_and_keeps_written_lines(eval_setup, tmp_path, capsys):
+    s = eval_setup
+    out = tmp_path / "eval"
+    assert _cli(s, out, "--limit", "3") == 0
+    first = (out / SAMPLES_FILE).read_text().splitlines()
+    assert [json.loads(x)["id"] for x in first] == [r.record["id"] for r in s.records[:3]]
+    assert _cli(s, out) == 0
+    lines = (out / SAMPLES_FILE).read_text().splitlines()
+    ids = [json.loads(x)["id"] for x in lines]
+    assert sorted(ids) == sorted(r.record["id"] for r in s.records)  # each id once
+    assert lines[:3] == first
+    # A fresh, uninterrupted run writes the same rows (batches do not depend on what was done).
+    fresh = tmp_path / "fresh"
+    assert _cli(s, fresh) == 0
+    assert sorted((fresh / SAMPLES_FILE).read_text().splitlines()) == sorted(lines)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["num_records"] == 6 and summary["modes"]["normal"]["count"] == 6
+    assert summary["config"]["adapter"] == "canonical" and summary["config"]["max_new_tokens"] == 16
+    printed = capsys.readouterr().out
+    assert "normal" in printed and "samples.jsonl" in printed
+
+
+def test_rows_hold_the_generation_and_its_score(eval_setup, tmp_path):
+    from ilvr_jax.data import processor as proc
+    from ilvr_jax.evaluate import scorers
+
+    s = eval_setup
+    evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:2], "maze", batch_size=4, max_new_tokens=16,
+             out_dir=str(tmp_path), progress=False)
+    rows = read_samples(str(tmp_path / SAMPLES_FILE))
+    for loc, row in zip(s.records, rows):
+        rec = loc.record
+        assert row["mode"] == "normal" and row["task"] == "maze" and row["grid"] == f"{len(rec['map_desc'])}x" \
+            f"{len(rec['map_desc'][0])}"
+        assert row["prompt"] == proc.build_prompt_text(s.tokenizer, rec["text_input"], 1)
+        assert (row["answer"], row["correct"]) == scorers.score_vsp(row["output"], rec)
+        assert row["num_latents"] == s.latent_size * sum(1 for a, b in row["latent_spans"] if b >= 0) + sum(
+            row["num_tokens"] - a - 1 for a, b in row["latent_spans"] if b < 0)
+        assert row["num_latent_spans"] == len(row["latent_spans"])
+
+
+def test_cut_off_last_line_is_dropped_on_resume(eval_setup, tmp_path):
+    s = eval_setup
+    kw = dict(batch_size=4, max_new_tokens=16, out_dir=str(tmp_path), progress=False)
+    evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:2], "maze", **kw)
+    path = tmp_path / SAMPLES_FILE
+    whole = path.read_text()
+    path.write_text(whole[: len(whole) - 20])  # the second row cut mid-write
+    evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:2], "maze", **kw)
+    assert path.read_text() == whole
+    path.write_text("{not json\n" + whole)
+    with pytest.raises(ValueError, match=r"samples\.jsonl:line 1: not valid JSON"):
+        evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:2], "maze", **kw)
+
+
+def test_bad_input_is_one_line(eval_setup, tmp_path, capsys):
+    s = eval_setup
+    dup = [dict(s.records[0].record), dict(s.records[1].record, id=s.records[0].record["id"])]
+    with pytest.raises(ValueError, match=r"record 2 \(id=maze-0-000000\): id 'maze-0-000000' repeats"):
+        evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, dup, "maze", path="dup.jsonl", progress=False)
+    with pytest.raises(ValueError, match="shuffle ablation needs at least 2 records"):
+        evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:1], "maze", ablations="shuffle")
+    bad = tmp_path / "bad.jsonl"
+    rec = dict(s.records[0].record, image_input=["missing.png"])
+    bad.write_text(json.dumps(rec) + "\n")
+    assert main(["--model", s.hf_dir, "--data", str(bad), "--scorer", "maze", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.jsonl:line 1 (id=maze-0-000000)" in err and "missing.png" in err
+    assert main(["--model", s.hf_dir, "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "pass --scorer" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nowhere"), "--data", s.data_path, "--scorer", "maze",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nowhere: does not exist" in capsys.readouterr().err
+    assert main(["--model", s.hf_dir, "--teacher", "--data", s.data_path, "--scorer", "maze",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--teacher needs a training checkpoint" in capsys.readouterr().err
