@@ -1,5 +1,6 @@
 """Building blocks shared by the vision tower and the language model: RMSNorm, dense,
-gated-SiLU MLP, the one attention function, and remat policies for scanned layers."""
+gated-SiLU MLP, the one attention function (and two segment-masked layouts of it whose memory
+grows linearly with the sequence), and remat policies for scanned layers."""
 
 from __future__ import annotations
 
@@ -76,6 +77,69 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
         w = jnp.where(m, w, 0.0)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", w.astype(v.dtype), v)
     return out.reshape(b, sq, hq, d)
+
+
+def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                            max_segment_len: int, implementation: str | None = None) -> jax.Array:
+    """Attention within contiguous segments of at most ``max_segment_len`` positions, in
+    memory linear in the sequence length.
+
+    q, k, v: [B, N, H, D]; segment_ids [B, N]: position i attends to j iff their ids are
+    equal, and every segment must be one contiguous run of at most W = ``max_segment_len``
+    positions. The sequence is cut into blocks of W queries; a segment that meets block i
+    lies inside blocks i-1..i+1, so each block attends to those 3W keys with the id mask.
+    Same numbers as ``attention`` with the dense [N, N] id mask (the masked keys weigh 0).
+    """
+    b, n, h, d = q.shape
+    w = max_segment_len
+    nb = -(-n // w)
+    pad = nb * w - n
+    real = jnp.arange(nb * w) < n
+
+    def blocks(x):  # [B, N, ...] -> query blocks [B, nb, W, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape((b, nb, w) + x.shape[2:])
+
+    def bands(x):  # [B, N, ...] -> key bands [B, nb, 3W, ...] (blocks i-1, i, i+1)
+        x = jnp.pad(x, [(0, 0), (w, pad + w)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape((b, nb + 2, w) + x.shape[2:])
+        return jnp.concatenate([x[:, :-2], x[:, 1:-1], x[:, 2:]], axis=2)
+
+    key_real = bands(jnp.ones((b, n), bool))  # False where a band reaches past the sequence
+    same = blocks(segment_ids)[..., :, None] == bands(segment_ids)[..., None, :]
+    # Padding queries (past N) attend to everything so that no row is empty; they are dropped.
+    mask = (same & key_real[..., None, :]) | ~real.reshape(nb, w)[None, :, :, None]
+    out = attention(blocks(q).reshape(b * nb, w, h, d), bands(k).reshape(b * nb, 3 * w, -1, d),
+                    bands(v).reshape(b * nb, 3 * w, -1, d), mask.reshape(b * nb, 1, w, 3 * w),
+                    implementation)
+    return out.reshape(b, nb * w, h, d)[:, :n]
+
+
+def query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                            query_chunk: int, implementation: str | None = None) -> jax.Array:
+    """Attention where i attends to j iff ``segment_ids`` are equal (any layout), computed for
+    ``query_chunk`` queries at a time: one [B, H, chunk, N] block of scores is live instead
+    of [B, H, N, N]. The chunk is rematerialised, so a backward pass recomputes it too.
+
+    q, k, v: [B, N, H, D]; segment_ids [B, N]. Same numbers as ``attention`` with the dense
+    id mask.
+    """
+    b, n, h, d = q.shape
+    c = min(query_chunk, n)
+    nc = -(-n // c)
+    pad = nc * c - n
+    qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nc, c, h, d).swapaxes(0, 1)
+    ids = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(b, nc, c).swapaxes(0, 1)
+    real = (jnp.arange(nc * c) < n).reshape(nc, c)
+
+    def one_chunk(xs):
+        q_c, ids_c, real_c = xs
+        # Padding queries attend to everything so that no row is empty; they are dropped.
+        mask = (ids_c[:, :, None] == segment_ids[:, None, :]) | ~real_c[None, :, None]
+        return attention(q_c, k, v, mask[:, None], implementation)
+
+    out = jax.lax.map(jax.checkpoint(one_chunk, prevent_cse=False), (qc, ids, real))
+    return out.swapaxes(0, 1).reshape(b, nc * c, h, d)[:, :n]
 
 
 REMAT_POLICIES: dict[str, Any] = {

@@ -14,16 +14,21 @@ cumsum / comparison ops, so the whole tower is jit-compatible with fixed shapes.
 
 HF's window attention reorders merge units into windows of
 ``window_size // spatial_merge_size // patch_size`` merge units per side, attends inside each
-window and reverses the order. Attention is permutation-equivariant, so here the same result
-comes from a block-diagonal mask on window ids, with patches left in processor order. Blocks in
+window and reverses the order. The tower does the same: patches are sorted into HF's window
+order once (``window_permutation``), every window is then a contiguous run of at most
+``window_patches`` patches, and the windowed blocks attend in blocks of that length
+(``layers.local_segment_attention``: memory linear in P, not P x P). Blocks in
 ``fullatt_block_indexes`` attend within their own frame of their own image (HF's
-``cu_seqlens``: one segment per frame; an image has one frame). A padding patch attends only to
-itself, so it never touches real patches and never produces an all-masked row (NaN).
+``cu_seqlens``: one segment per frame; an image has one frame) with a frame-id mask, a chunk
+of queries at a time (``layers.query_chunked_attention``). Padding patches sort to the end; a
+padding patch attends only to itself, so it never touches real patches and never produces an
+all-masked row (NaN). ``attention_layout="dense"`` keeps the former layout (processor order,
+dense P x P block-diagonal masks) as the reference the windowed layout is tested against.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +80,8 @@ def patch_layout(cfg: VisionConfig, grid_thw: jax.Array, num_patches: int) -> di
       row, col: patch coordinates in the image's ``(h, w)`` patch grid (HF rotary positions)
       frame_id: unique per (image, frame) within the sample: full-attention segments
       window_id: unique per (image, frame, window) within the sample: window segments
+      window_offset: the patch's place inside its window in HF's window order (merge units
+        row-major inside the window, the 4 patches of a unit consecutive)
     Padding patches get ``frame_id = window_id = -1 - p`` (unique), so they form singleton
     segments.
     """
@@ -116,6 +123,7 @@ def patch_layout(cfg: VisionConfig, grid_thw: jax.Array, num_patches: int) -> di
     win_local = (frame * per_patch(nwh) + llm_row // ws) * per_patch(nww) + llm_col // ws
     window_id = per_patch(_exclusive_cumsum(windows_per_image)) + win_local
     frame_id = per_patch(_exclusive_cumsum(t)) + frame
+    window_offset = ((llm_row % ws) * ws + llm_col % ws) * (m * m) + sub
 
     pad_id = -1 - p[None, :]
     zero = jnp.zeros_like(row)
@@ -126,7 +134,24 @@ def patch_layout(cfg: VisionConfig, grid_thw: jax.Array, num_patches: int) -> di
         "col": jnp.where(valid, col, zero),
         "frame_id": jnp.where(valid, frame_id, pad_id),
         "window_id": jnp.where(valid, window_id, pad_id),
+        "window_offset": jnp.where(valid, window_offset, zero),
     }
+
+
+def window_patches(cfg: VisionConfig) -> int:
+    """Most patches one attention window holds: (merge units per window side)^2 * 4."""
+    ws = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+    return ws * ws * cfg.merge_unit
+
+
+def window_permutation(cfg: VisionConfig, lay: dict[str, jax.Array]) -> jax.Array:
+    """``perm [B, P]``: ``x[perm]`` is HF's window order (``get_vision_window_index`` applied to
+    patches): windows in (image, frame, window row, window column) order, each window's
+    patches contiguous in ``window_offset`` order, padding patches last."""
+    p = jnp.arange(lay["valid"].shape[-1], dtype=jnp.int32)
+    key = jnp.where(lay["valid"], lay["window_id"] * window_patches(cfg) + lay["window_offset"],
+                    jnp.int32(2 ** 30) + p[None, :])
+    return jnp.argsort(key, axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- rotary
@@ -156,11 +181,14 @@ def segment_mask(ids: jax.Array) -> jax.Array:
 
 
 def vision_block(p: Params, cfg: VisionConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 mask: jax.Array, *, attn_impl: str | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, *, attn_impl: str | None = None,
+                 attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
+                 ) -> jax.Array:
     """One pre-norm ViT block (params of a single layer, no leading axis):
 
     ``x = x + proj(attn(rope(q), rope(k), v; mask))`` with q, k, v from ``qkv(norm1(x))``;
     ``x = x + down(silu(gate(norm2(x))) * up(norm2(x)))``. x: [B, P, Dv].
+    ``attend(q, k, v)`` replaces the dense-mask attention when given.
     """
     b, n, d = x.shape
     heads = cfg.num_heads
@@ -173,7 +201,8 @@ def vision_block(p: Params, cfg: VisionConfig, x: jax.Array, cos: jax.Array, sin
     q = sharding.constrain(apply_rotary(q, cos, sin), ("batch", "patches", "act_heads", None))
     k = sharding.constrain(apply_rotary(k, cos, sin), ("batch", "patches", "act_heads", None))
     v = sharding.constrain(v, ("batch", "patches", "act_heads", None))
-    o = layers.attention(q, k, v, mask, attn_impl).reshape(b, n, d)
+    o = attend(q, k, v) if attend is not None else layers.attention(q, k, v, mask, attn_impl)
+    o = o.reshape(b, n, d)
     x = x + layers.dense(o, p["attn"]["proj"])
     x = sharding.constrain(x, ("batch", "patches", "act_embed"))
     x = x + layers.gated_mlp(layers.rms_norm(x, p["norm2"]["scale"], eps), p["mlp"])
@@ -195,16 +224,27 @@ def merger(p: Params, cfg: VisionConfig, x: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- tower
+FULL_ATTENTION_QUERY_CHUNK = 1024
+
+
 def vision_forward(params_visual: Params, cfg: VisionConfig, pixel_values: jax.Array,
                    grid_thw: jax.Array, *, dtype=jnp.float32, remat_policy: str = "none",
-                   attn_impl: str | None = None) -> jax.Array:
+                   attn_impl: str | None = None, attention_layout: str = "windowed",
+                   full_attention_chunk: int = FULL_ATTENTION_QUERY_CHUNK) -> jax.Array:
     """Merged vision tokens ``[B, P // 4, out_hidden_size]`` (in ``dtype``) of each sample.
 
     The tokens of image k of a sample sit at offsets ``cumsum(merged_token_counts)``; rows past
     the sample's real tokens are zero. The patch embedding (HF's Conv3d with stride = kernel)
     is an fp32 matmul over the flattened patch (channel, time, row, col order, as HF's
     ``view(-1, C, T, P, P)``); the blocks run in ``dtype`` under ``lax.scan``.
+    ``attention_layout``: "windowed" (HF's window order, memory linear in P for the windowed
+    blocks; the full-attention blocks take ``full_attention_chunk`` queries at a time) or
+    "dense" (processor order with P x P masks; the reference for tests).
     """
+    if attention_layout not in ("windowed", "dense"):
+        raise ValueError(f"attention_layout must be 'windowed' or 'dense', got {attention_layout!r}")
+    if full_attention_chunk < 1:
+        raise ValueError(f"full_attention_chunk must be >= 1 queries, got {full_attention_chunk}")
     b, n, pd = pixel_values.shape
     if pd != cfg.patch_dim:
         raise ValueError(f"pixel_values last dim {pd} != patch_dim {cfg.patch_dim}")
@@ -219,16 +259,41 @@ def vision_forward(params_visual: Params, cfg: VisionConfig, pixel_values: jax.A
     x = sharding.constrain(x.astype(dtype), ("batch", "patches", "act_embed"))
 
     # Per-layer flag, scanned alongside the stacked block params.
-    is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)], bool)
+    full_flags = [i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
+    is_full = jnp.asarray(full_flags, bool)
     blocks = jax.tree.map(lambda a: a.astype(dtype), params_visual["blocks"])
+    frame_id, window_id = lay["frame_id"], lay["window_id"]
+    if attention_layout == "windowed":
+        perm = window_permutation(cfg, lay)
+        in_window_order = lambda a: jnp.take_along_axis(  # noqa: E731
+            a, perm.reshape(perm.shape + (1,) * (a.ndim - 2)), axis=1)
+        x, cos, sin = in_window_order(x), in_window_order(cos), in_window_order(sin)
+        frame_id, window_id = in_window_order(frame_id), in_window_order(window_id)
+
+    def windowed(q, k, v):
+        return layers.local_segment_attention(q, k, v, window_id, window_patches(cfg), attn_impl)
+
+    def full_frames(q, k, v):
+        return layers.query_chunked_attention(q, k, v, frame_id, full_attention_chunk, attn_impl)
 
     def body(h, xs):
         p_layer, full = xs
-        # Segment ids for this layer: per frame (full attention) or per window.
-        ids = jnp.where(full, lay["frame_id"], lay["window_id"])
-        return vision_block(p_layer, cfg, h, cos, sin, segment_mask(ids), attn_impl=attn_impl), None
+        if attention_layout == "dense":
+            # Segment ids for this layer: per frame (full attention) or per window.
+            mask = segment_mask(jnp.where(full, frame_id, window_id))
+            return vision_block(p_layer, cfg, h, cos, sin, mask, attn_impl=attn_impl), None
+        if all(full_flags):
+            attend = full_frames
+        elif not any(full_flags):
+            attend = windowed
+        else:  # only the taken branch runs
+            attend = lambda q, k, v: jax.lax.cond(full, full_frames, windowed, q, k, v)  # noqa: E731
+        return vision_block(p_layer, cfg, h, cos, sin, attn_impl=attn_impl, attend=attend), None
 
     x, _ = jax.lax.scan(layers.remat(body, remat_policy), x, (blocks, is_full))
+    if attention_layout == "windowed":  # back to processor order
+        inverse = jnp.argsort(perm, axis=-1)
+        x = jnp.take_along_axis(x, inverse[..., None], axis=1)
 
     merger_params = jax.tree.map(lambda a: a.astype(dtype), params_visual["merger"])
     out = merger(merger_params, cfg, x)
