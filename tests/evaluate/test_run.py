@@ -93,3 +93,35 @@ def test_bad_input_is_one_line(eval_setup, tmp_path, capsys):
     assert main(["--model", s.hf_dir, "--teacher", "--data", s.data_path, "--scorer", "maze",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--teacher needs a training checkpoint" in capsys.readouterr().err
+
+
+def test_rows_sharded_over_a_mesh_give_the_same_generations(eval_setup, tmp_path, monkeypatch):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from ilvr_jax.evaluate import run as run_lib
+    from ilvr_jax.train.mesh import make_mesh
+
+    specs = []
+    real = run_lib.generate_batch
+
+    def recording(params, cfg, dcfg, batch, *a, **k):
+        specs.append(getattr(batch.input_ids, "sharding", None))
+        return real(params, cfg, dcfg, batch, *a, **k)
+
+    monkeypatch.setattr(run_lib, "generate_batch", recording)
+
+    s = eval_setup
+    if len(jax.devices()) < 2:
+        pytest.fail("the test process needs 2 devices (tests/conftest.py sets 8 host devices)")
+    mesh = make_mesh((2, 1, 1), jax.devices()[:2])
+    params = jax.device_put(s.params, NamedSharding(mesh, PartitionSpec()))
+    kw = dict(batch_size=4, max_new_tokens=16, progress=False)
+    evaluate(params, s.cfg, s.tokenizer, s.image_cfg, s.records, "maze", out_dir=str(tmp_path / "mesh"), mesh=mesh,
+             **kw)
+    assert specs and all(sp.spec == PartitionSpec("data", None) for sp in specs)  # rows split over 2 devices
+    evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records, "maze", out_dir=str(tmp_path / "one"), **kw)
+    sharded = read_samples(str(tmp_path / "mesh" / SAMPLES_FILE))
+    single = read_samples(str(tmp_path / "one" / SAMPLES_FILE))
+    assert [r["output"] for r in sharded] == [r["output"] for r in single]
+    assert [r["latent_spans"] for r in sharded] == [r["latent_spans"] for r in single]
