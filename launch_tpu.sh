@@ -5,9 +5,13 @@
 # by itself, so every worker runs the identical command.
 #
 #   ./launch_tpu.sh --name ilvr-s1 --zone us-east5-a --accelerator-type v5p-8 -- \
-#       --config configs/stage1.py:v5p_8 --workdir gs://BUCKET/runs/s1 \
-#       --config.model.hf_dir=/mnt/models/Qwen2.5-VL-7B-Instruct --config.data.train_path=...
+#       --config configs/stage1.py:v5p_8 --workdir /mnt/shared/runs/s1 \
+#       --config.model.hf_dir=/mnt/shared/Qwen2.5-VL-7B-Instruct --config.data.train_path=...
 #   ./launch_tpu.sh --name ilvr-s1 --zone us-east5-a --delete
+#
+# Paths are the workers' own. With more than one worker (v5p-16, v5litepod-16, ...) the workdir
+# must be a filesystem they all see (Filestore NFS, a gcsfuse mount of a bucket): checkpoints
+# are written by all workers together and process 0's files are read by the others.
 #
 # Options (environment variable in brackets):
 #   --name NAME              TPU VM / queued resource name [TPU_NAME] (required)
