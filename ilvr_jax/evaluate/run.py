@@ -212,27 +212,20 @@ def _global_max(values: Sequence[int]) -> list[int]:
 
 def _padded_batch(prompts: Sequence[Prompt], pad_id: int, rows: int, patch_dim: int) -> PromptBatch:
     """``pad_prompts`` with the length, image and patch buckets agreed over processes."""
-    if not prompts:  # a process whose slice of the last batch is empty: filler rows only
+    real = bool(prompts)
+    if not real:  # a process whose slice of the last batch is empty: filler rows only
         prompts = [Prompt(np.asarray([pad_id], np.int32), np.zeros((0, patch_dim), np.float32),
                           np.zeros((0, 3), np.int32))]
-        real = 0
-    else:
-        real = len(prompts)
-    s, n_img, n_patch = _global_max([bucket(max(len(p.input_ids) for p in prompts), 16),
-                                     bucket(max(len(p.image_grid_thw) for p in prompts), 1),
+    s, n_img, n_patch = _global_max([max(len(p.input_ids) for p in prompts),
+                                     max(len(p.image_grid_thw) for p in prompts),
                                      max(p.pixel_values.shape[0] for p in prompts)])
-    b = pad_prompts(list(prompts), pad_id, batch_size=rows, min_len=s, patch_dim=patch_dim)
+    b = pad_prompts(list(prompts), pad_id, batch_size=rows, min_len=max(16, s), min_patches=n_patch,
+                    min_images=max(1, n_img), patch_dim=patch_dim)
     if not real:
-        b = b._replace(attention_mask=np.zeros_like(b.attention_mask))
-        b.attention_mask[:, -1] = 1
-    grids = np.zeros((rows, n_img, 3), np.int32)
-    grids[:, : b.image_grid_thw.shape[1]] = b.image_grid_thw
-    pv = None
-    if n_patch:
-        pv = np.zeros((rows, bucket(n_patch, 4), patch_dim), np.float32)
-        if b.pixel_values is not None:
-            pv[:, : b.pixel_values.shape[1]] = b.pixel_values
-    return PromptBatch(b.input_ids, b.attention_mask, pv, grids)
+        mask = np.zeros_like(b.attention_mask)
+        mask[:, -1] = 1
+        b = b._replace(attention_mask=mask)
+    return b
 
 
 def _to_mesh(tree, mesh):
