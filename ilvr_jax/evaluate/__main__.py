@@ -19,6 +19,7 @@ import os
 import sys
 
 from ilvr_jax.data.adapters import ADAPTER_NAMES
+from ilvr_jax.evaluate.scorers import SCORERS
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -33,9 +34,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ilvr_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ilvr_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p)
-    p.add_argument("--scorer", default=None, help="answer scorer (default: the adapter's data set)")
+    p.add_argument("--scorer", default=None, choices=sorted(SCORERS),
+                   help="answer scorer (default: the adapter's data set)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="seeds sampling, the noise ablation and the bootstrap")
@@ -73,9 +76,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     if scorer is None:
         raise ValueError(f"--adapter {args.adapter} does not say how answers are scored: pass --scorer "
                          f"({', '.join(sorted(set(loading.ADAPTER_SCORERS.values())))})")
-    from ilvr_jax.evaluate import scorers
-
-    scorers.get_scorer(scorer)  # an unknown name fails before the model loads
     records = loading.load_records(args.data, args.adapter, work_dir=args.out)
     m = loading.load_model(args.model, step=args.step, teacher=args.teacher)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
