@@ -238,7 +238,7 @@ SLURM_PROBE = textwrap.dedent("""\
     from jax._src import clusters
     # What jax.distributed.initialize() derives from this environment ...
     address, n, pid, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 60)
-    jax.distributed.initialize()  # ... and the real thing, as ilvr_jax.train.loop calls it
+    jax.distributed.initialize()  # ... and the real thing, as training calls it (no mesh.* addresses)
     print(json.dumps({"argv": sys.argv[1:], "address": address, "default_local_ids": local,
                       "process_count": jax.process_count(),
                       "visible": jax.config.read("jax_cuda_visible_devices")}))
