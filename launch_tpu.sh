@@ -26,7 +26,8 @@
 #   --env KEY=VALUE          environment variable for the training command (repeatable)
 #   --skip-install           reuse the code and environment already on the workers
 #   --delete                 delete the TPU VM / queued resource (after the run, if one is given)
-#   --dry-run                print every command, one per line in order, and run none
+#   --dry-run                print every command, one per line in order, and run none (only
+#                            the default project is read from gcloud's config, when not given)
 # Everything after `--` is passed to `python -m ilvr_jax.main` unchanged. Each worker's output
 # streams here prefixed with `[worker N]` and is collected into logs/NAME/worker-N.log.
 #
