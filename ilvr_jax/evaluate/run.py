@@ -12,7 +12,9 @@ as soon as its batch is done (flushed), and ``out_dir/summary.json`` is written 
 a rerun with the same ``out_dir`` skips the (id, mode) pairs already there, so an
 interrupted evaluation continues where it stopped. Batches are formed over the records in
 order whatever is already done, so a resumed run generates exactly what an uninterrupted
-one would.
+one would. Every batch is padded to the evaluation's longest prompt and largest question
+images (:func:`shape_floors`), so one evaluation compiles one prefill and one decode loop
+per mode.
 
 Multi-process: the records are cut into global batches of ``batch_size * process_count``
 rows; each process builds its own ``batch_size`` rows, the rows are put on the mesh's batch
@@ -34,7 +36,7 @@ import jax
 import numpy as np
 
 from ilvr_jax.data import processor as proc
-from ilvr_jax.data.records import LocatedRecord, RecordError
+from ilvr_jax.data.records import LocatedRecord, RecordError, resolve_image_path
 from ilvr_jax.evaluate import diagnostics, scorers
 from ilvr_jax.generate.generation import Generation, decode_config, stop_token_ids, unpack
 from ilvr_jax.generate.prompts import Prompt, record_prompt
@@ -200,27 +202,37 @@ def format_table(summary: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- batches
-def _global_max(values: Sequence[int]) -> list[int]:
-    """Elementwise max over processes (identity in a single process)."""
-    if jax.process_count() == 1:
-        return [int(v) for v in values]
-    from jax.experimental import multihost_utils
+def shape_floors(items: Sequence[EvalItem], tokenizer, image_cfg: proc.ImageProcessorConfig) -> tuple[int, int, int]:
+    """(longest prompt, most question patches, most question images) over ``items``, from
+    the tokenizer and the image headers (no pixels decoded): padding every batch to them
+    gives the whole evaluation one compiled shape, the same on every process."""
+    longest, patches, images = 16, 0, 1
+    for it in items:
+        rec = it.record
+        try:
+            grids = [proc.image_grid_thw(*proc.image_size(resolve_image_path(p, it.root)), image_cfg)
+                     for p in rec["image_input"]]
+            n = len(proc.build_prompt_ids(tokenizer, rec["text_input"], grids, merge_size=image_cfg.merge_size))
+        except Exception:
+            # The record's own one-line error (missing image, bad placeholders, ...) from the prompt builder.
+            record_prompt(rec, tokenizer, image_cfg, root=it.root, where=it.where)
+            raise
+        longest = max(longest, n)
+        patches = max(patches, sum(proc.num_patches(g) for g in grids))
+        images = max(images, len(grids))
+    return longest, patches, images
 
-    got = multihost_utils.process_allgather(np.asarray(values, np.int64))
-    return [int(v) for v in np.max(np.asarray(got).reshape(-1, len(values)), axis=0)]
 
-
-def _padded_batch(prompts: Sequence[Prompt], pad_id: int, rows: int, patch_dim: int) -> PromptBatch:
-    """``pad_prompts`` with the length, image and patch buckets agreed over processes."""
+def _padded_batch(prompts: Sequence[Prompt], pad_id: int, rows: int, patch_dim: int,
+                  floors: tuple[int, int, int]) -> PromptBatch:
+    """``pad_prompts`` to at least the evaluation's ``floors`` (see :func:`shape_floors`)."""
     real = bool(prompts)
     if not real:  # a process whose slice of the last batch is empty: filler rows only
         prompts = [Prompt(np.asarray([pad_id], np.int32), np.zeros((0, patch_dim), np.float32),
                           np.zeros((0, 3), np.int32))]
-    s, n_img, n_patch = _global_max([max(len(p.input_ids) for p in prompts),
-                                     max(len(p.image_grid_thw) for p in prompts),
-                                     max(p.pixel_values.shape[0] for p in prompts)])
-    b = pad_prompts(list(prompts), pad_id, batch_size=rows, min_len=max(16, s), min_patches=n_patch,
-                    min_images=max(1, n_img), patch_dim=patch_dim)
+    length, patches, images = floors
+    b = pad_prompts(list(prompts), pad_id, batch_size=rows, min_len=length, min_patches=patches,
+                    min_images=images, patch_dim=patch_dim)
     if not real:
         mask = np.zeros_like(b.attention_mask)
         mask[:, -1] = 1
@@ -294,6 +306,8 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
     global_rows = batch_size * pc
     chunks = [items[i:i + global_rows] for i in range(0, len(items), global_rows)]
     todo = [(c, m) for c, chunk in enumerate(chunks) for m in modes if any((it.id, m) not in done for it in chunk)]
+    # Custom loaders (in-memory images) have no headers to read: their batches bucket alone.
+    floors = shape_floors(items, tokenizer, image_cfg) if todo and image_loader is proc.load_image else (16, 0, 1)
 
     prompt_cache: dict[int, tuple[list[Prompt], list[str]]] = {}
 
@@ -310,7 +324,7 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
 
     def run(c: int, mode: str, donors=None) -> list[Generation]:
         ps, _ = prompts_of(c)
-        batch = _padded_batch(ps, pad_id, batch_size, model_cfg.vision.patch_dim)
+        batch = _padded_batch(ps, pad_id, batch_size, model_cfg.vision.patch_dim, floors)
         budgets = np.zeros((global_rows,), np.int32)  # host-side: the loop length is read from them
         budgets[: len(chunks[c])] = max_new_tokens
         source = donors

@@ -125,3 +125,19 @@ def test_rows_sharded_over_a_mesh_give_the_same_generations(eval_setup, tmp_path
     single = read_samples(str(tmp_path / "one" / SAMPLES_FILE))
     assert [r["output"] for r in sharded] == [r["output"] for r in single]
     assert [r["latent_spans"] for r in sharded] == [r["latent_spans"] for r in single]
+
+
+def test_one_compiled_shape_for_prompts_of_mixed_lengths_and_images(eval_setup, tmp_path):
+    from ilvr_jax.generate.generation import decode_config
+    from ilvr_jax.generate.sampler import compiled
+
+    s = eval_setup
+    recs = [dict(loc.record) for loc in s.records[:4]]
+    recs[1]["text_input"] = recs[1]["text_input"] + " Think about every cell of the board." * 30
+    recs[2]["image_input"] = []  # text only
+    pre, loop = compiled(s.cfg, decode_config(s.tokenizer, s.cfg))
+    before = pre._cache_size(), loop._cache_size()
+    summary = evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, recs, "maze", batch_size=2, max_new_tokens=16,
+                       root=s.records[0].root, progress=False)
+    assert summary["modes"]["normal"]["count"] == 4
+    assert (pre._cache_size() - before[0], loop._cache_size() - before[1]) in ((1, 1), (0, 0))
