@@ -31,7 +31,7 @@ import numpy as np
 
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data.records import RecordError, resolve_image_path
-from ilvr_jax.evaluate.run import EvalItem, eval_items
+from ilvr_jax.evaluate.run import EvalItem, eval_items, shape_floors
 from ilvr_jax.generate.sampler import bucket
 from ilvr_jax.model import qwen25vl
 from ilvr_jax.model.config import ModelConfig
@@ -159,11 +159,15 @@ def latent_heatmaps(params, cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePr
     from ilvr_jax.generate.prompts import record_prompt
 
     written = []
-    for it in _pick(records, ids, limit, path):
+    items = _pick(records, ids, limit, path)
+    # One compiled shape for all records (their custom loader's images have no headers to read).
+    floors = shape_floors(items, tokenizer, image_cfg) if image_loader is proc.load_image else (16, 0, 1)
+    for it in items:
         prompt = record_prompt(it.record, tokenizer, image_cfg, root=it.root, where=it.where,
                                image_loader=image_loader)
         (gen,) = generate_prompts(params, cfg, [prompt], tokenizer, batch_size=1, max_new_tokens=max_new_tokens,
-                                  latent_size=latent_size)
+                                  latent_size=latent_size, min_prompt_len=floors[0], min_patches=floors[1],
+                                  min_images=floors[2])
         if not len(gen.latents):
             continue
         for label, p in _images_of(it):
