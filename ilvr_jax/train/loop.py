@@ -315,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
     validate_config(c, workdir)
     if c.mesh.distributed:
         try:
-            distributed.initialize(c)
+            distributed.initialize(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id,
+                                   c.mesh.local_device_ids)
         except distributed.DistributedInitError as e:
             raise ConfigError(f"mesh.distributed=True, but {e}; on a single host set "
                               "--config.mesh.distributed=False") from None
