@@ -141,3 +141,18 @@ def test_one_compiled_shape_for_prompts_of_mixed_lengths_and_images(eval_setup, 
                        root=s.records[0].root, progress=False)
     assert summary["modes"]["normal"]["count"] == 4
     assert (pre._cache_size() - before[0], loop._cache_size() - before[1]) in ((1, 1), (0, 0))
+
+
+def test_adapter_records_and_its_default_scorer(eval_setup, tmp_path):
+    import os
+
+    s = eval_setup
+    out = tmp_path / "maze"
+    assert main(["--model", s.hf_dir, "--data", os.path.dirname(s.data_path), "--adapter", "maze", "--out", str(out),
+                 "--batch-size", "4", "--max-new-tokens", "16", "--limit", "4", "--no-progress"]) == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["config"]["scorer"] == "maze" and summary["modes"]["normal"]["count"] == 4
+    canonical = tmp_path / "canonical"
+    assert _cli(s, canonical, "--limit", "4") == 0
+    # The same records, hence the same rows, whichever reader.
+    assert read_samples(str(out / SAMPLES_FILE)) == read_samples(str(canonical / SAMPLES_FILE))
