@@ -99,9 +99,11 @@ def eval_items(records: Sequence[Mapping[str, Any] | LocatedRecord], *, path: st
 
 
 # ----------------------------------------------------------------------------- samples file
-def read_samples(path: str) -> list[dict[str, Any]]:
-    """The rows of a samples file. A last line cut short (a killed run) is dropped from the
-    file; any other unreadable line is an error naming the file and line."""
+def read_samples(path: str, *, repair: bool = True) -> list[dict[str, Any]]:
+    """The rows of a samples file. The last line of a killed run may be cut short: it is
+    dropped (a complete row missing only its newline gets the newline), in the file too when
+    ``repair``, so appended rows start on a line of their own. Any other unreadable line is
+    an error naming the file and line."""
     if not os.path.isfile(path):
         return []
     with open(path, "rb") as f:
@@ -111,16 +113,21 @@ def read_samples(path: str) -> list[dict[str, Any]]:
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        tail = n == len(lines)  # a non-empty last piece: the file does not end with a newline
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            if n == len(lines) and not data.endswith(b"\n"):  # the partial tail of an interrupted write
-                with open(path, "r+b") as f:
-                    f.truncate(len(data) - len(line))
+            if tail:
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(len(data) - len(line))
                 break
             raise ValueError(f"{path}:line {n}: not valid JSON ({e}); remove the line or the file") from None
         if not isinstance(row, dict) or "id" not in row or "mode" not in row:
             raise ValueError(f"{path}:line {n}: a sample row needs 'id' and 'mode'")
+        if tail and repair:
+            with open(path, "ab") as f:
+                f.write(b"\n")
         rows.append(row)
     return rows
 
@@ -296,7 +303,7 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
         raise ValueError(f"evaluation on {pc} processes needs the mesh the parameters live on")
     writer = pi == 0 and out_dir is not None
     samples_path = os.path.join(out_dir, SAMPLES_FILE) if out_dir is not None else None
-    rows: list[dict[str, Any]] = read_samples(samples_path) if samples_path else []
+    rows: list[dict[str, Any]] = read_samples(samples_path, repair=writer) if samples_path else []
     done = {(r["id"], r["mode"]) for r in rows}
     stops = stop_token_ids(tokenizer, model_cfg)
     dcfgs = {m: decode_config(tokenizer, model_cfg, latent_size=latent_size, sampling=sampling, **dict(decode_kw or {}),

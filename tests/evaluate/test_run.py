@@ -66,9 +66,13 @@ def test_cut_off_last_line_is_dropped_on_resume(eval_setup, tmp_path):
     path.write_text(whole[: len(whole) - 20])  # the second row cut mid-write
     evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:2], "maze", **kw)
     assert path.read_text() == whole
+    path.write_text(whole[:-1])  # cut just before the last newline: the row is kept, the newline restored
+    evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:3], "maze", **kw)
+    lines = path.read_text().splitlines()
+    assert lines[:2] == whole.splitlines() and len(lines) == 3 and json.loads(lines[2])["id"] == s.records[2].record["id"]
     path.write_text("{not json\n" + whole)
     with pytest.raises(ValueError, match=r"samples\.jsonl:line 1: not valid JSON"):
-        evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:2], "maze", **kw)
+        evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records[:3], "maze", **kw)
 
 
 def test_bad_input_is_one_line(eval_setup, tmp_path, capsys):
