@@ -428,8 +428,12 @@ def analytic_memory(c, cfg, mesh_shape, trainable_bytes: int, state_info: dict) 
       vision      b x one frozen block over P = max(P_q, P_h in stage 1) rows: a P (4 d_v
                   + 2 i_v) + scores heads_v P^2 (4 + a) (every block masks a full P x P)
       teacher     stage 1: forward only, one layer's half working set + fp32 hidden T D 4
+      recurrence  stage 2: 2 (M K + M + 1) KV caches of b L 2 (S + 1) Hkv hd a bytes, the
+                  scan carry kept for the backward at every latent step and text chunk
 
-    peak = state + grads + batch + max(saved + layer + logits, vision, teacher)."""
+    peak = state + grads + batch + max(saved + recurrence + layer + logits, vision, teacher).
+    A first-order model: against libtpu's compiles of the 7B presets it is high for stage 1
+    and low for stage 2 (benchmarks/aot_fit.py prints both)."""
     t, v = cfg.text, cfg.vision
     dp, fsdp, tp = mesh_shape
     devices = dp * fsdp * tp
@@ -451,9 +455,15 @@ def analytic_memory(c, cfg, mesh_shape, trainable_bytes: int, state_info: dict) 
     vision = b * (a * patches * (4 * v.hidden_size + 2 * v.intermediate_size)
                   + v.num_heads * patches * patches * (4 + a))
     teacher = (layer // 2 + 4 * T * D) if c.stage == 1 else 0
+    # Stage 2's latent recurrence scans K one-token steps per segment (and M + 1 text chunks)
+    # with the whole KV cache as the carry: its backward keeps the cache of every step.
+    M, K = int(c.data.max_segments), int(c.ilvr.latent_size)
+    cache = b * L * 2 * (S + 1) * (hkv // tp if hkv % tp == 0 else hkv) * hd * a
+    recurrence = 2 * (M * K + M + 1) * cache if c.stage == 2 else 0
     fixed = state_info["state_bytes_per_device"] + 2 * trainable_bytes // devices + state_info["batch_bytes_per_device"]
-    parts = dict(saved=saved, layer=layer, logits=logits, vision=vision, teacher=teacher)
-    return dict(estimate_parts=parts, estimated_peak_bytes=int(fixed + max(saved + layer + logits, vision, teacher)))
+    parts = dict(saved=saved, layer=layer, logits=logits, vision=vision, teacher=teacher, recurrence=recurrence)
+    return dict(estimate_parts=parts,
+                estimated_peak_bytes=int(fixed + max(saved + recurrence + layer + logits, vision, teacher)))
 
 
 def estimate_gpu(c, cfg, kind: str, count: int) -> dict:
@@ -491,7 +501,8 @@ def suggestions(c, cfg, r: dict) -> list[str]:
                    f"{int(c.optim.grad_accum_steps) * micro} (same global batch) or lower data.batch_size")
     if c.stage == 2 and 0 in tuple(int(w) for w in c.train.stage2_chunk_len):
         out.append(f"stage 2 with train.stage2_chunk_len={tuple(c.train.stage2_chunk_len)} runs windows of the whole "
-                   "sequence for every latent step: tight windows (e.g. '(2048, 256)') cost about one forward")
+                   "sequence for every latent step: tight windows (e.g. '(2048, 256)') cut its work, though the "
+                   "KV cache carried through every latent step for the backward stays")
     if c.model.remat_policy != "nothing_saveable":
         out.append("--config.model.remat_policy=nothing_saveable keeps one activation per layer")
     S = int(c.data.max_length)
