@@ -20,6 +20,7 @@ tower restores that order after its window attention.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -214,6 +215,25 @@ def candidate_cells(index: int, num_tokens: int, num_candidates: int) -> list[in
     return list(range(index * run, (index + 1) * run))
 
 
+@functools.lru_cache(maxsize=None)
+def _teacher_selector(scfg):
+    """The teacher's selection (indices [1, M, K], K* [1, M]) of a batch, compiled once per
+    step config."""
+    from ilvr_jax.model import rope
+    from ilvr_jax.train.step import teacher_targets
+
+    cfg = scfg.model
+
+    @jax.jit
+    def select(p, batch):
+        pos, _ = rope.mrope_position_ids(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], cfg)
+        qf = qwen25vl.image_features(p, cfg, batch["pixel_values"], batch["image_grid_thw"])
+        sel = teacher_targets(p, scfg, batch, qf, pos)
+        return sel.indices, sel.kstar
+
+    return select
+
+
 def selection_overlays(params, cfg: ModelConfig, tokenizer, image_cfg: proc.ImageProcessorConfig, records,
                        out_dir: str, *, ids: Sequence[str] | None = None, limit: int | None = None,
                        latent_size: int | None = None, num_candidates: int = 256, top_p: float = 0.9,
@@ -223,21 +243,14 @@ def selection_overlays(params, cfg: ModelConfig, tokenizer, image_cfg: proc.Imag
     the teacher; returns the paths."""
     # The teacher's selection is training's own code, read lazily for this picture only.
     from ilvr_jax.data import segments
-    from ilvr_jax.model import rope
-    from ilvr_jax.train.step import StepConfig, teacher_targets
+    from ilvr_jax.train.step import StepConfig
 
     k = int(latent_size if latent_size is not None else cfg.latent_size or 0)
     if k < 1:
         raise ValueError("latent_size is neither given nor recorded in the model config (config.json latent_size)")
-    scfg = StepConfig(model=cfg, stage=1, latent_size=k, num_candidates=num_candidates, top_p=top_p)
+    select = _teacher_selector(StepConfig(model=cfg, stage=1, latent_size=k, num_candidates=num_candidates,
+                                          top_p=top_p))
     fmt = segments.SequenceFormat(latent_size=k, merge_size=image_cfg.merge_size)
-
-    @jax.jit
-    def select(p, batch):
-        pos, _ = rope.mrope_position_ids(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], cfg)
-        qf = qwen25vl.image_features(p, cfg, batch["pixel_values"], batch["image_grid_thw"])
-        sel = teacher_targets(p, scfg, batch, qf, pos)
-        return sel.indices, sel.kstar
 
     written = []
     for it in _pick(records, ids, limit, path):

@@ -67,9 +67,21 @@ def test_latent_heatmaps_one_panel_per_latent(eval_setup, tmp_path):
                 np.testing.assert_allclose(panel[y, x], np.round(0.4 * view[y, x] + 0.6 * colour), atol=1)
 
 
-@pytest.mark.parametrize("num_candidates", [8, 2])  # 4 merged patches: all candidates / pooled in runs of 2
-def test_selection_overlay_marks_exactly_the_selected_patches(eval_setup, tmp_path, num_candidates):
+@pytest.fixture(scope="module")
+def training_batch(eval_setup):
+    """The six records as one batch of the training input pipeline (file order)."""
     from ilvr_jax.data.pipeline import DataConfig, DataPipeline
+
+    s = eval_setup
+    dc = DataConfig(batch_size=len(s.records), max_length=512, max_question_patches=64, max_helper_patches=512,
+                    max_segments=8, latent_size=s.latent_size, min_pixels=s.image_cfg.min_pixels,
+                    max_pixels=s.image_cfg.max_pixels, shuffle=False)
+    batch = next(iter(DataPipeline.from_jsonl(s.data_path, s.hf_dir, dc).iterator()))
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("num_candidates", [8, 2])  # 4 merged patches: all candidates / pooled in runs of 2
+def test_selection_overlay_marks_exactly_the_selected_patches(eval_setup, training_batch, tmp_path, num_candidates):
     from ilvr_jax.model import rope
     from ilvr_jax.train.step import StepConfig, teacher_targets
 
@@ -78,11 +90,7 @@ def test_selection_overlay_marks_exactly_the_selected_patches(eval_setup, tmp_pa
     out = tmp_path / "sel"
     paths = heatmaps.selection_overlays(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records, str(out),
                                         num_candidates=num_candidates)
-    dc = DataConfig(batch_size=len(s.records), max_length=512, max_question_patches=64, max_helper_patches=512,
-                    max_segments=8, latent_size=K, min_pixels=s.image_cfg.min_pixels,
-                    max_pixels=s.image_cfg.max_pixels, shuffle=False)
-    batch = next(iter(DataPipeline.from_jsonl(s.data_path, s.hf_dir, dc).iterator()))
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch = training_batch
     scfg = StepConfig(model=s.cfg, stage=1, latent_size=K, num_candidates=num_candidates)
     pos, _ = rope.mrope_position_ids(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], s.cfg)
     from ilvr_jax.model import qwen25vl
