@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ilvr_jax import sharding
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data.records import LocatedRecord, RecordError, resolve_image_path
 from ilvr_jax.evaluate import diagnostics, scorers
@@ -249,13 +250,12 @@ def _padded_batch(prompts: Sequence[Prompt], pad_id: int, rows: int, patch_dim: 
 
 def _to_mesh(tree, mesh):
     """Process-local rows -> global arrays split along the mesh's batch axes."""
-    from ilvr_jax import sharding as sh
 
     def put(x):
         if x is None:
             return None
         x = np.asarray(x)
-        spec = sh.named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1))
+        spec = sharding.named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1))
         return jax.make_array_from_process_local_data(spec, x)
 
     return jax.tree.map(put, tree, is_leaf=lambda x: x is None or isinstance(x, np.ndarray))
@@ -340,7 +340,8 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
             source = _to_mesh(donors, mesh) if donors is not None else None
         kw = {"latent_source": source} if source is not None else {}
         batch_sampling = dataclasses.replace(sampling, seed=(seed * 1_000_003 + c) % (2 ** 31))
-        out = generate_batch(params, model_cfg, dcfgs[mode], batch, budgets, stops, batch_sampling, **kw)
+        with sharding.activation_mesh(mesh):  # the model's activation constraints, as in training
+            out = generate_batch(params, model_cfg, dcfgs[mode], batch, budgets, stops, batch_sampling, **kw)
         out = _gather(out)
         return unpack(out, len(chunks[c]) if pc > 1 else len(ps), tokenizer)
 
