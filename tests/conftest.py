@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CPU backend only, also in subprocesses (they inherit the environment): with libtpu
+# installed (tests/test_aot.py installs it) JAX would otherwise try the TPU first and every
+# process would contend for libtpu's lock file.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
