@@ -497,7 +497,8 @@ def _layout_case(cfg, seed):
 @pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
 def test_windowed_layout_equals_dense_masks(tiny_dirs, shape):
     """HF's window order with block-local and query-chunked attention gives the numbers of
-    the dense P x P masks in processor order: values, and gradients through the remat'd scan."""
+    the dense P x P masks in processor order: values, and (on the shape that mixes windowed
+    and full-attention blocks) gradients through the remat'd scan."""
     cfg, _, params, _ = load(tiny_dirs, shape)
     params = jax.tree.map(jnp.asarray, params)
     pv, grid = _layout_case(cfg, 30)
@@ -508,6 +509,8 @@ def test_windowed_layout_equals_dense_masks(tiny_dirs, shape):
         err = float(np.abs(out - dense).max() / scale)
         print(f"{shape} windowed (full-attention chunk {chunk}) vs dense: rel max diff {err:.1e}")
         assert err < 1e-6
+    if shape != "untied_gqa2":
+        return
 
     @functools.partial(jax.jit, static_argnums=(1,))
     def grads(p, layout):
