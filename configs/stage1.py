@@ -29,6 +29,8 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("model.compute_dtype", "bfloat16", "activations and matmuls: 'bfloat16' or 'float32' (parameters stay fp32)"),
     ("model.remat_policy", "nothing_saveable", "activation checkpointing of the scanned layers (model.layers.REMAT_POLICIES)"),
     ("model.attn_impl", "xla", "attention kernel: 'xla', 'cudnn' (GPU flash attention) or 'reference'"),
+    ("model.ce_chunk", 1024, "tokens per chunk of the next-token CE computed from the hidden states (no [B, S, V] "
+                             "fp32 logits in memory); 0 = full logits"),
     ("model.vocab_resize", "exact", "rows of the embedding/lm_head after adding the latent tokens: 'exact' = "
                                     "len(tokenizer), as the reference (shrinks Qwen2.5's padded 152064 to 151668, so "
                                     "the CE softmax runs over the tokenizer's classes only); 'grow_only' keeps the padded table"),

@@ -72,6 +72,7 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None) ->
          f"model.attn_impl must be xla, cudnn or reference, got {c.model.attn_impl!r}")
     need(c.model.vocab_resize in RESIZE_MODES,
          f"model.vocab_resize must be one of {RESIZE_MODES}, got {c.model.vocab_resize!r}")
+    need(int(c.model.ce_chunk) >= 0, f"model.ce_chunk must be >= 0 (0 = full logits), got {c.model.ce_chunk}")
     need(int(c.ilvr.latent_size) >= 1, f"ilvr.latent_size (K) must be >= 1, got {c.ilvr.latent_size}")
     need(0.0 < float(c.ilvr.top_p) <= 1.0, f"ilvr.top_p must be in (0, 1], got {c.ilvr.top_p}")
     need(int(c.ilvr.num_candidates) >= 1, f"ilvr.num_candidates (L) must be >= 1, got {c.ilvr.num_candidates}")
@@ -279,6 +280,7 @@ def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> step_li
         nan_policy=c.train.nan_policy,
         loss_normalization=c.train.loss_normalization,
         stage2_chunk_len=tuple(int(w) or None for w in c.train.stage2_chunk_len),
+        ce_chunk=int(c.model.ce_chunk),
     )
 
 
