@@ -17,6 +17,11 @@ What differs from a single process, and is handled here:
   so it equals the fingerprint of a single-process run with the same global batch.
 * ``fetch_to_host`` brings arrays that span processes to every host's memory (one leaf at
   a time, so only one leaf is ever replicated on the devices).
+* ``barrier`` waits on the coordination service (no time limit of the device transport):
+  process 0 may convert the data for minutes while the others wait.
+
+The stop agreement runs every step: one gather of an int32, at the point where the loop
+already waits for the step's ``finite`` flag, so it adds no stall of its own.
 
 With one process every function is the single-process behaviour, without collectives.
 """
