@@ -132,7 +132,7 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
 def restore_state_item(path: str, abstract_tree: Any | None = None, *, only: tuple[str, ...] | None = None) -> Any:
     """Restores just the ``state`` item of one checkpoint step directory (for export and
     for stage 2 starting from stage 1). Without ``abstract_tree`` arrays come back on the
-    first device in their saved layout. ``only`` (e.g. ``("params", "teacher")``) reads just
+    first local device in their saved layout. ``only`` (e.g. ``("params", "teacher")``) reads just
     those top-level entries of the state, so an export never loads the optimizer moments
     (two more copies of the model)."""
     item = os.path.join(path, STATE)
@@ -145,7 +145,7 @@ def restore_state_item(path: str, abstract_tree: Any | None = None, *, only: tup
             tree = getattr(tree, "tree", tree)
             abstract_tree = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                               sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                                               sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
                 tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
         if only is None:
             return ckptr.restore(item, abstract_tree)

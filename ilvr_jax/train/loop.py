@@ -167,8 +167,6 @@ def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, str |
 
     data_dir = os.path.join(workdir, "data")
     root = c.data.image_root or None
-    # Every process has written the run's model files (prepare_model) before any reads them.
-    distributed.barrier("ilvr model files")
     if c.data.adapter == "canonical":
         return c.data.train_path, root
     out = os.path.join(data_dir, "train.jsonl")
@@ -332,6 +330,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
 
     try:
         model_cfg, params, tok_dir = run_model.prepare_model(c, workdir)
+        # Every process has written the run's model files before process 0 rewrites the
+        # processor file with the run's pixel budgets (a late copy would undo it).
+        distributed.barrier("ilvr model files")
         image_cfg = run_model.image_config(c, tok_dir)
     except run_model.ModelSetupError as e:
         raise ConfigError(str(e)) from None
@@ -465,8 +466,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
                     thr.skip()           # the evaluation's time is not a training step's
                 # Ranks checkpoints for train.keep_best_metric: the mean since the previous one.
                 ckpt_metrics = {best_metric: float(np.mean(best_acc))} if best_metric and best_acc else None
-                if ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=step == total_steps,
-                                 metrics=ckpt_metrics):
+                # The data position is read (a gather across processes) only for a save.
+                if (step == total_steps or manager.should_save(step)) and ckpt_lib.save(
+                        manager, step, state, it.get_state(), config_json, force=step == total_steps,
+                        metrics=ckpt_metrics):
                     best_acc = []
         finally:
             bar.close()

@@ -72,9 +72,9 @@ def test_unknown_keys_and_bad_types_are_rejected_in_process():
 
 def test_every_config_key_is_read_by_the_program():
     """Keys must mean something: each leaf key of every preset is read by the training loop."""
-    from ilvr_jax.train import run_model
+    from ilvr_jax.train import distributed, evaluation, run_model
 
-    src = open(loop.__file__).read() + open(run_model.__file__).read()
+    src = "".join(open(m.__file__).read() for m in (loop, run_model, evaluation, distributed))
 
     def leaves(d, prefix=""):
         for k, v in d.items():
