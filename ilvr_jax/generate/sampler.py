@@ -67,8 +67,15 @@ class DecodeConfig:
     dtype: Any = jnp.float32
     cache_dtype: Any = None
     attn_impl: str | None = None
+    # Latent diagnostics: "none", or a mode of evaluate.diagnostics.ABLATIONS that replaces
+    # the vector fed at latent pads ("shuffle" reads decode_loop's latent_source).
+    latent_ablation: str = "none"
 
     def __post_init__(self) -> None:
+        if self.latent_ablation != "none":
+            from ilvr_jax.evaluate.diagnostics import check_ablation
+
+            check_ablation(self.latent_ablation)
         if self.latent_size < 0:
             raise ValueError(f"latent_size must be >= 0, got {self.latent_size}")
 
@@ -143,13 +150,15 @@ def prefill(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, batch: PromptB
 def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps: int, cache: dict,
                 logits: jax.Array, hidden: jax.Array, rope_deltas: jax.Array, last_prompt_token: jax.Array,
                 budgets: jax.Array, stop_ids: jax.Array, key: jax.Array, temperature: jax.Array,
-                top_k: jax.Array, top_p: jax.Array) -> tuple[DecodeOutput, dict]:
+                top_k: jax.Array, top_p: jax.Array,
+                latent_source: tuple[jax.Array, jax.Array] | None = None) -> tuple[DecodeOutput, dict]:
     """The compiled loop of the module docstring (``max_steps`` = T, the output length).
 
     budgets [B]: max new tokens per row (<= T; 0 = nothing to generate); stop_ids [N]: tokens
     that end a row when fed as tokens (recorded, then the row is done; a pad whose input is
     a hidden state never stops a row). Returns (outputs, final cache): the
-    cache is returned so that the donated input buffers can hold it.
+    cache is returned so that the donated input buffers can hold it. latent_source: (donor
+    latents [B, J, D], counts [B]) for ``latent_ablation="shuffle"``.
     """
     b = logits.shape[0]
     d = hidden.shape[-1]
@@ -176,8 +185,11 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
         n_gen = c["n_gen"] + active.astype(jnp.int32)
         hit_stop = active & ~feed & jnp.any(token[:, None] == stop_ids[None, :], axis=1)
         done = c["done"] | hit_stop | (n_gen >= budgets)
-        embeds = jnp.where(feed[:, None], c["hidden"], qwen25vl.embed_tokens(params, token).astype(c["hidden"].dtype))
-        fed_vec = jnp.where(feed[:, None], c["hidden"], 0)
+        fed_in = c["hidden"]
+        if dcfg.latent_ablation != "none":
+            fed_in = _ablated(params, dcfg, c, sub, latent_source)
+        embeds = jnp.where(feed[:, None], fed_in, qwen25vl.embed_tokens(params, token).astype(c["hidden"].dtype))
+        fed_vec = jnp.where(feed[:, None], fed_in, 0)
         step = c["step"]
         new_logits, new_hidden, new_cache = decode_step_inplace(params, cfg, embeds[:, None, :], c["cache"],
                                                                 rope_deltas, dtype=dcfg.dtype)
@@ -198,6 +210,18 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
                         steps=out["step"]), out["cache"]
 
 
+def _ablated(params: Params, dcfg: DecodeConfig, carry: dict, step_key: jax.Array, latent_source):
+    """The latent diagnostics' replacement of the fed vector (``diagnostics.ablate_fed_latents``)."""
+    from ilvr_jax.evaluate.diagnostics import ablate_fed_latents
+
+    donors, counts = latent_source if latent_source is not None else (None, None)
+    return ablate_fed_latents(
+        dcfg.latent_ablation, carry["hidden"],
+        pad_embedding=qwen25vl.embed_tokens(params, jnp.int32(dcfg.latent_ids.pad)),
+        key=jax.random.fold_in(step_key, 1), donor_latents=donors, donor_counts=counts,
+        latent_index=jnp.sum(carry["fed"], axis=1, dtype=jnp.int32))
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(cfg: ModelConfig, dcfg: DecodeConfig):
     """(prefill, decode_loop) jitted for one model and decode config; shapes key the caches
@@ -210,11 +234,13 @@ def compiled(cfg: ModelConfig, dcfg: DecodeConfig):
 
 def generate_batch(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, batch: PromptBatch,
                    max_new_tokens: int | Sequence[int], stop_ids: Sequence[int],
-                   sampling: SamplingParams = SamplingParams()) -> DecodeOutput:
+                   sampling: SamplingParams = SamplingParams(),
+                   latent_source: tuple[Any, Any] | None = None) -> DecodeOutput:
     """Prefill + decode loop for one padded batch; outputs stay on the device.
 
     ``max_new_tokens``: one budget for all rows or one per row; the loop's output length T
-    is the bucketed largest budget and the cache length the bucketed S + T.
+    is the bucketed largest budget and the cache length the bucketed S + T. latent_source:
+    see :func:`decode_loop` (only with ``dcfg.latent_ablation == "shuffle"``).
     """
     if dcfg.sample != (not sampling.greedy):
         raise ValueError(f"DecodeConfig.sample={dcfg.sample} but sampling temperature {sampling.temperature}")
@@ -230,5 +256,6 @@ def generate_batch(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, batch: 
                 last_prompt_token=jnp.asarray(batch.input_ids[:, -1]), budgets=jnp.asarray(budgets),
                 stop_ids=jnp.asarray(stops), key=jax.random.PRNGKey(sampling.seed),
                 temperature=jnp.float32(sampling.temperature), top_k=jnp.int32(sampling.top_k),
-                top_p=jnp.float32(sampling.top_p))
+                top_p=jnp.float32(sampling.top_p),
+                **({} if latent_source is None else {"latent_source": latent_source}))
     return out

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from ilvr_jax.evaluate import diagnostics
 from ilvr_jax.evaluate.__main__ import main
 from ilvr_jax.evaluate.run import SAMPLES_FILE, SUMMARY_FILE, evaluate, read_samples
 
@@ -55,6 +57,34 @@ def test_rows_hold_the_generation_and_its_score(eval_setup, tmp_path):
         assert row["num_latents"] == s.latent_size * sum(1 for a, b in row["latent_spans"] if b >= 0) + sum(
             row["num_tokens"] - a - 1 for a, b in row["latent_spans"] if b < 0)
         assert row["num_latent_spans"] == len(row["latent_spans"])
+
+
+def test_summary_numbers_come_from_the_rows(eval_setup, tmp_path):
+    s = eval_setup
+
+    def by_length(output, record):  # a scorer with a mix of right and wrong answers
+        return None, len(output) % 3 != 0
+
+    summary = evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records, by_length, batch_size=4,
+                       max_new_tokens=16, ablations=("zeros",), seed=5, out_dir=str(tmp_path), progress=False,
+                       n_resamples=200)
+    rows = read_samples(str(tmp_path / SAMPLES_FILE))
+    assert len(rows) == 12
+    for mode in ("normal", "zeros"):
+        mine = [r for r in rows if r["mode"] == mode]
+        assert summary["modes"][mode]["accuracy"] == pytest.approx(np.mean([r["correct"] for r in mine]))
+        grids = {r["grid"] for r in mine}
+        assert set(summary["modes"][mode]["by_grid"]) == grids
+        for g in grids:
+            sub = [r["correct"] for r in mine if r["grid"] == g]
+            assert summary["modes"][mode]["by_grid"][g] == {"accuracy": np.mean(sub), "correct": sum(sub),
+                                                           "count": len(sub)}
+    normal = {r["id"]: r["correct"] for r in rows if r["mode"] == "normal"}
+    zeros = {r["id"]: r["correct"] for r in rows if r["mode"] == "zeros"}
+    order = [r.record["id"] for r in s.records]
+    want = diagnostics.paired_bootstrap([normal[i] for i in order], [zeros[i] for i in order], n_resamples=200, seed=5)
+    assert summary["modes"]["zeros"]["vs_normal"] == want
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text())["modes"]["zeros"]["vs_normal"] == want
 
 
 def test_cut_off_last_line_is_dropped_on_resume(eval_setup, tmp_path):
