@@ -206,3 +206,31 @@ def test_shuffle_feeds_the_donor_rows_normal_latents(ablation_runs):
                 np.testing.assert_allclose(v, want, rtol=0, atol=1e-6)
                 checked += 1
     assert checked >= s.latent_size
+
+
+def test_shuffle_with_one_row_per_batch_takes_a_neighbouring_batch(eval_setup, monkeypatch, tmp_path):
+    from ilvr_jax.evaluate import run as run_lib
+
+    kept = {}
+    real_row = run_lib._sample_row
+
+    def keep(item, mode, prompt_text, gen, scorer, cfg, extra=None):
+        kept[(item.id, mode)] = gen
+        return real_row(item, mode, prompt_text, gen, scorer, cfg, extra)
+
+    monkeypatch.setattr(run_lib, "_sample_row", keep)
+    s = eval_setup
+    recs = s.records[:3]
+    ids = [r.record["id"] for r in recs]
+    evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, recs, "maze", batch_size=1, max_new_tokens=16,
+             ablations="shuffle", progress=False, out_dir=str(tmp_path))
+    donors = {ids[0]: ids[1], ids[1]: ids[0], ids[2]: ids[1]}  # the first takes the next batch's row
+    rows = run_lib.read_samples(str(tmp_path / run_lib.SAMPLES_FILE))
+    assert {r["id"]: r["donor"] for r in rows if r["mode"] == "shuffle"} == donors
+    checked = 0
+    for i, d in donors.items():
+        donor = kept[(d, "normal")].latents
+        for j, v in enumerate(kept[(i, "shuffle")].latents):
+            np.testing.assert_allclose(v, donor[j % len(donor)], rtol=0, atol=1e-6)
+            checked += 1
+    assert checked >= s.latent_size
