@@ -17,28 +17,20 @@ Accuracy differences against the normal run get a paired bootstrap confidence in
 the two accuracies is taken on the same resampled samples, so the interval reflects
 per-sample changes, not the spread of either accuracy alone.
 
-This module holds pure functions only (no model, no generation), so the decode loop can
-apply them without importing the evaluation program.
+The replacements themselves are ILVR's decode-loop rules (``ilvr_jax.ilvr.latent_ablation``);
+this module names the modes for the evaluation and holds the donor layout and the bootstrap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from ilvr_jax.ilvr.latent_ablation import (ABLATIONS, NONE, ablate_fed_latents, check_ablation,  # noqa: F401
+                                          noise_like)
+
 NORMAL = "normal"
-NONE = "none"
-ABLATIONS = ("zeros", "pad", "shuffle", "noise")
-
-
-def check_ablation(mode: str) -> str:
-    """``mode`` if it is ``"none"`` or one of :data:`ABLATIONS`; else ValueError naming them."""
-    if mode != NONE and mode not in ABLATIONS:
-        raise ValueError(f"unknown latent ablation {mode!r}; known: {', '.join(ABLATIONS)}")
-    return mode
 
 
 def parse_ablations(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -57,47 +49,6 @@ def parse_ablations(spec: str | Sequence[str] | None) -> tuple[str, ...]:
         if n not in out:
             out.append(n)
     return tuple(out)
-
-
-def noise_like(hidden: jax.Array, key: jax.Array) -> jax.Array:
-    """Gaussian noise with each row's L2 norm equal to that row of ``hidden`` [B, D]."""
-    h = hidden.astype(jnp.float32)
-    eps = jax.random.normal(key, h.shape, jnp.float32)
-    scale = jnp.linalg.norm(h, axis=-1, keepdims=True) / jnp.maximum(jnp.linalg.norm(eps, axis=-1, keepdims=True),
-                                                                       1e-30)
-    return (eps * scale).astype(hidden.dtype)
-
-
-def ablate_fed_latents(mode: str, hidden: jax.Array, *, pad_embedding: jax.Array | None = None,
-                       key: jax.Array | None = None, donor_latents: jax.Array | None = None,
-                       donor_counts: jax.Array | None = None, latent_index: jax.Array | None = None) -> jax.Array:
-    """The vector fed at a latent pad under ablation ``mode`` (static), per row.
-
-    hidden [B, D]: the vector the normal rule would feed (the previous step's final-norm
-    hidden state). ``pad``: pad_embedding [D]. ``noise``: key. ``shuffle``: donor_latents
-    [B, J, D] (row r: the latents its donor fed, in order), donor_counts [B] (how many of
-    them are real) and latent_index [B] (how many latents row r has fed before this one).
-    ``none`` returns ``hidden`` unchanged.
-    """
-    check_ablation(mode)
-    if mode == NONE:
-        return hidden
-    if mode == "zeros":
-        return jnp.zeros_like(hidden)
-    if mode == "pad":
-        if pad_embedding is None:
-            raise ValueError("latent ablation 'pad' needs the <|latent_pad|> embedding")
-        return jnp.broadcast_to(pad_embedding.astype(hidden.dtype), hidden.shape)
-    if mode == "noise":
-        if key is None:
-            raise ValueError("latent ablation 'noise' needs a PRNG key")
-        return noise_like(hidden, key)
-    if donor_latents is None or donor_counts is None or latent_index is None:
-        raise ValueError("latent ablation 'shuffle' needs donor_latents, donor_counts and latent_index")
-    counts = jnp.asarray(donor_counts, jnp.int32)
-    j = jnp.where(counts > 0, jnp.asarray(latent_index, jnp.int32) % jnp.maximum(counts, 1), 0)
-    vec = jnp.take_along_axis(donor_latents, j[:, None, None], axis=1)[:, 0]
-    return jnp.where((counts > 0)[:, None], vec, 0).astype(hidden.dtype)
 
 
 def shuffle_donors(n: int) -> np.ndarray:

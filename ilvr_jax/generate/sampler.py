@@ -67,13 +67,13 @@ class DecodeConfig:
     dtype: Any = jnp.float32
     cache_dtype: Any = None
     attn_impl: str | None = None
-    # Latent diagnostics: "none", or a mode of evaluate.diagnostics.ABLATIONS that replaces
+    # Latent diagnostics: "none", or a mode of ilvr.latent_ablation.ABLATIONS that replaces
     # the vector fed at latent pads ("shuffle" reads decode_loop's latent_source).
     latent_ablation: str = "none"
 
     def __post_init__(self) -> None:
         if self.latent_ablation != "none":
-            from ilvr_jax.evaluate.diagnostics import check_ablation
+            from ilvr_jax.ilvr.latent_ablation import check_ablation
 
             check_ablation(self.latent_ablation)
         if self.latent_size < 0:
@@ -211,8 +211,8 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
 
 
 def _ablated(params: Params, dcfg: DecodeConfig, carry: dict, step_key: jax.Array, latent_source):
-    """The latent diagnostics' replacement of the fed vector (``diagnostics.ablate_fed_latents``)."""
-    from ilvr_jax.evaluate.diagnostics import ablate_fed_latents
+    """The latent diagnostics' replacement of the fed vector (``ilvr.latent_ablation.ablate_fed_latents``)."""
+    from ilvr_jax.ilvr.latent_ablation import ablate_fed_latents
 
     donors, counts = latent_source if latent_source is not None else (None, None)
     return ablate_fed_latents(
