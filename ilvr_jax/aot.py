@@ -538,23 +538,9 @@ def fit_check(c, target: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import json
 
-    import ml_collections
-
-    config = FLAGS.config
-    if not isinstance(config, ml_collections.ConfigDict):
-        try:
-            config.stage
-        except OSError as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            print(f"error: --config: {lines[-1]}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG)
-    if FLAGS.describe:
-        print(main_cli._describe(config))
-        return
+    config = main_cli.loaded_config(argv)
     target = FLAGS.topology or preset_target(main_cli._config_arg(sys.argv))
     try:
         if not target:

@@ -124,7 +124,10 @@ def _describe(config) -> str:
     return "\n".join(f"{k} = {v!r}" for k, v in sorted(config.items()))
 
 
-def main(argv):
+def loaded_config(argv):
+    """``FLAGS.config`` of a command of this kind (``main``, ``aot``): a config file that
+    failed to load is one ``error:`` line (exit 2); with ``--describe`` the keys are printed
+    and the command exits 0."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import ml_collections
@@ -140,7 +143,12 @@ def main(argv):
             sys.exit(EXIT_CONFIG)
     if FLAGS.describe:
         print(_describe(config))
-        return
+        sys.exit(0)
+    return config
+
+
+def main(argv):
+    config = loaded_config(argv)
     if not FLAGS.workdir:
         print("error: --workdir is required (where checkpoints, logs and exports go)", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
