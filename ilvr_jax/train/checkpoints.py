@@ -15,6 +15,7 @@ previous checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -129,16 +130,30 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     manager.reload()
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """orbax's absl warnings off: a step's items have no metadata file of their own (the
+    manager keeps it), which orbax reports on every direct read of an item."""
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def restore_state_item(path: str, abstract_tree: Any | None = None, *, only: tuple[str, ...] | None = None) -> Any:
     """Restores just the ``state`` item of one checkpoint step directory (for export and
     for stage 2 starting from stage 1). Without ``abstract_tree`` arrays come back on the
-    first local device in their saved layout. ``only`` (e.g. ``("params", "teacher")``) reads just
-    those top-level entries of the state, so an export never loads the optimizer moments
+    first local device in their saved layout. ``only`` (e.g. ``("params", "teacher")``) reads
+    just those top-level entries of the state, so an export never loads the optimizer moments
     (two more copies of the model)."""
     item = os.path.join(path, STATE)
     if not os.path.isdir(item):
         raise FileNotFoundError(f"{path}: not a training checkpoint step (no '{STATE}' item)")
-    with ocp.StandardCheckpointer() as ckptr:
+    with _quiet_absl(), ocp.StandardCheckpointer() as ckptr:
         if abstract_tree is None:
             meta = ckptr.metadata(item)
             tree = getattr(meta, "item_metadata", meta)
@@ -151,7 +166,7 @@ def restore_state_item(path: str, abstract_tree: Any | None = None, *, only: tup
             return ckptr.restore(item, abstract_tree)
     subtree = {k: abstract_tree[k] for k in only if k in abstract_tree}
     restore_args = ocp.checkpoint_utils.construct_restore_args(subtree)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet_absl(), ocp.PyTreeCheckpointer() as ckptr:
         return ckptr.restore(item, args=ocp.args.PyTreeRestore(item=subtree, restore_args=restore_args,
                                                                 partial_restore=True))
 
