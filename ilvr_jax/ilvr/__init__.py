@@ -1,9 +1,12 @@
 """ILVR maths over arrays: user summary and segment text means, helper-image candidates and
-selective top-p/top-k targets, stage-1 losses with teacher forcing, and the teacher EMA."""
+selective top-p/top-k targets, stage-1 losses with teacher forcing (and the chunked CE), the
+teacher EMA, and the decode loop's latent-mode rules and latent ablations."""
 
+from ilvr_jax.ilvr.latent_ablation import ABLATIONS, ablate_fed_latents
+from ilvr_jax.ilvr.latent_decoding import LatentIds, LatentStep, initial_span_left, latent_step
 from ilvr_jax.ilvr.losses import (IGNORE_INDEX, alignment_noise, latent_alignment_loss,
                                   latent_positions, mean_over_samples, next_token_ce,
-                                  next_token_ce_per_sample, teacher_forcing_embeds)
+                                  next_token_ce_chunked, next_token_ce_per_sample, teacher_forcing_embeds)
 from ilvr_jax.ilvr.query import (SpecialTokens, grouped_mean_weights, image_rows, prompt_masks,
                                  segment_text_masks, segment_text_means, user_summary)
 from ilvr_jax.ilvr.selection import (Selection, cosine_similarity, helper_token_counts,
@@ -11,6 +14,8 @@ from ilvr_jax.ilvr.selection import (Selection, cosine_similarity, helper_token_
 from ilvr_jax.ilvr.teacher import ema_update
 
 __all__ = [
+    "ABLATIONS", "LatentIds", "LatentStep", "ablate_fed_latents", "initial_span_left", "latent_step",
+    "next_token_ce_chunked",
     "IGNORE_INDEX", "Selection", "SpecialTokens", "alignment_noise", "cosine_similarity",
     "ema_update", "grouped_mean_weights", "helper_token_counts", "image_rows", "latent_alignment_loss",
     "latent_positions", "mean_over_samples", "next_token_ce", "next_token_ce_per_sample",

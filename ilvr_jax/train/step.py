@@ -31,7 +31,6 @@ import optax
 
 from ilvr_jax import sharding as sh
 from ilvr_jax import ilvr
-from ilvr_jax.ilvr import losses as ce_losses
 from ilvr_jax.model import qwen25vl, rope, vision
 from ilvr_jax.model.config import ModelConfig
 from ilvr_jax.train import optimizer as opt_lib
@@ -185,7 +184,7 @@ def _next_token_ce(params: Params, cfg: StepConfig, hidden: jax.Array, labels: j
         return ilvr.next_token_ce_per_sample(qwen25vl.lm_logits(params, cfg.model, hidden), labels)
     tied = cfg.model.text.tie_word_embeddings
     head = params["text"]["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]
-    return ce_losses.next_token_ce_chunked(hidden, head, labels, tied=tied, chunk=cfg.ce_chunk)
+    return ilvr.next_token_ce_chunked(hidden, head, labels, tied=tied, chunk=cfg.ce_chunk)
 
 
 def student_stage1(params: Params, cfg: StepConfig, batch: Batch, question_feats: jax.Array,
