@@ -210,8 +210,11 @@ def _wait_for(path: str, timeout: float = 120.0) -> None:
 
 def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int, image_cfg=None):
     """The pipeline's DataConfig; the pixel budgets are ``image_cfg``'s (the run's resolved
-    processor settings, see ``run_model.image_config``) when given."""
+    processor settings, ``run_model.image_config``), else Qwen2.5-VL's defaults with the
+    config's overrides (no model directory at hand, e.g. the AOT fit check)."""
     from ilvr_jax.data.pipeline import DataConfig
+
+    image_cfg = image_cfg or run_model.resolve_image_config(c)
 
     return DataConfig(
         batch_size=stage_batch_per_process,
@@ -224,8 +227,8 @@ def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int, imag
         max_segments=int(c.data.max_segments),
         latent_size=int(c.ilvr.latent_size),
         answer_format=str(c.data.answer_format) or None,  # "" = the plan alone (reference)
-        min_pixels=int(image_cfg.min_pixels if image_cfg else c.data.min_pixels),
-        max_pixels=int(image_cfg.max_pixels if image_cfg else c.data.max_pixels),
+        min_pixels=image_cfg.min_pixels,
+        max_pixels=image_cfg.max_pixels,
         seed=int(c.seed),
         shuffle=bool(c.data.shuffle),
         num_epochs=None if int(c.train.num_steps) > 0 else int(c.train.num_epochs),
@@ -235,26 +238,27 @@ def data_config(c: ml_collections.ConfigDict, stage_batch_per_process: int, imag
     )
 
 
-def _parse_buckets(text: str):
-    """``data.buckets``: "auto", "" (None: one bucket of max_length) or "512,2048"."""
+def _parse_shapes(key: str, text: str, item, form: str):
+    """A shape-list key: "auto", "" (None: the maxima) or comma-separated items (``item``
+    parses one)."""
     text = str(text).strip()
     if text in ("auto", ""):
         return text or None
     try:
-        return tuple(int(x) for x in text.split(","))
+        return tuple(item(x) for x in text.split(","))
     except ValueError:
-        raise ConfigError(f"data.buckets must be 'auto', '' or comma-separated lengths, got {text!r}") from None
+        raise ConfigError(f"{key} must be 'auto', '' or comma-separated {form}, got {text!r}") from None
+
+
+def _parse_buckets(text: str):
+    """``data.buckets``: "auto", "" (one bucket of max_length) or "512,2048"."""
+    return _parse_shapes("data.buckets", text, int, "lengths")
 
 
 def _parse_bucket_patches(text: str):
-    """``data.bucket_patches``: "auto", "" (None: the max_*_patches) or "Q:H,Q:H"."""
-    text = str(text).strip()
-    if text in ("auto", ""):
-        return text or None
-    try:
-        return tuple(tuple(int(x) for x in pair.split(":")) for pair in text.split(","))
-    except ValueError:
-        raise ConfigError(f"data.bucket_patches must be 'auto', '' or question:helper pairs, got {text!r}") from None
+    """``data.bucket_patches``: "auto", "" (the max_*_patches) or "Q:H,Q:H"."""
+    return _parse_shapes("data.bucket_patches", text, lambda pair: tuple(int(x) for x in pair.split(":")),
+                         "question:helper pairs")
 
 
 # ----------------------------------------------------------------------------- the run

@@ -15,6 +15,7 @@ keeps its ids), and the embedding table is resized to match.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -134,21 +135,27 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
     return cfg, params, tok_dir
 
 
-def image_config(c: ml_collections.ConfigDict, tok_dir: str) -> proc.ImageProcessorConfig:
-    """The image processor settings this run trains with: the model's own
-    ``preprocessor_config.json`` (Qwen2.5-VL's defaults without one), with ``data.min_pixels``
-    / ``data.max_pixels`` overriding its pixel budgets when > 0. Written back into the run's
-    tokenizer dir, so the export's processor resizes images as training did."""
-    path = os.path.join(tok_dir, PREPROCESSOR_FILE)
-    source = read_json(path) if os.path.isfile(path) else {}
+def resolve_image_config(c: ml_collections.ConfigDict, source: dict[str, Any] | None = None,
+                         where: str = "Qwen2.5-VL's defaults") -> proc.ImageProcessorConfig:
+    """``source`` (a ``preprocessor_config.json`` dict; Qwen2.5-VL's defaults when empty) with
+    ``data.min_pixels`` / ``data.max_pixels`` overriding its pixel budgets when > 0."""
     base = proc.ImageProcessorConfig.from_hf(source) if source else proc.ImageProcessorConfig()
-    overrides = {k: int(c.data[k]) for k in ("min_pixels", "max_pixels") if int(c.data[k]) > 0}
-    import dataclasses
-
-    cfg = dataclasses.replace(base, **overrides)
+    budgets = {"min_pixels": int(c.data.min_pixels), "max_pixels": int(c.data.max_pixels)}
+    cfg = dataclasses.replace(base, **{k: v for k, v in budgets.items() if v > 0})
     if cfg.min_pixels > cfg.max_pixels:
         raise ModelSetupError(f"image pixel budget: min_pixels {cfg.min_pixels} > max_pixels {cfg.max_pixels} "
-                              f"(data.min_pixels / data.max_pixels, or {path})")
+                              f"(data.min_pixels / data.max_pixels, or {where})")
+    return cfg
+
+
+def image_config(c: ml_collections.ConfigDict, tok_dir: str) -> proc.ImageProcessorConfig:
+    """The image processor settings this run trains with: the model's own
+    ``preprocessor_config.json`` (Qwen2.5-VL's defaults without one) resolved by
+    :func:`resolve_image_config`. Written back into the run's tokenizer dir, so the export's
+    processor resizes images as training did."""
+    path = os.path.join(tok_dir, PREPROCESSOR_FILE)
+    source = read_json(path) if os.path.isfile(path) else {}
+    cfg = resolve_image_config(c, source, path)
     if jax.process_index() == 0:
         write_json(path, preprocessor_dict(cfg, source))
     return cfg
