@@ -82,15 +82,13 @@ def eval_records_path(c: ml_collections.ConfigDict, workdir: str, train_path: st
                              train_path), None
     if c.data.adapter == "canonical":
         return str(c.data.eval_path), c.data.image_root or None
-    from ilvr_jax.data import records as rec_lib
-    from ilvr_jax.data.adapters import get_adapter, relative_paths
+    from ilvr_jax.data.adapters import convert_to_jsonl
+    from ilvr_jax.train import distributed
 
     path = os.path.join(out_dir, "eval.jsonl")
     if not os.path.isfile(path) and jax.process_index() == 0:
-        kwargs = {"image_root": c.data.image_root or None} if c.data.adapter != "zebra" else {"out_dir": out_dir}
-        rec_lib.write_jsonl(path + ".tmp", (relative_paths(r, out_dir) for r in
-                                            get_adapter(c.data.adapter).iter_records(c.data.eval_path, **kwargs)))
-        os.replace(path + ".tmp", path)
+        convert_to_jsonl(c.data.adapter, c.data.eval_path, path, c.data.image_root or None)
+    distributed.barrier("ilvr eval data")   # the others read what process 0 wrote
     return path, None
 
 

@@ -163,8 +163,6 @@ def check_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, str | None]:
     """(canonical JSONL path, image root or None). Non-canonical sources are converted
     once into the workdir; the maze adapter without a path generates a data set there."""
-    from ilvr_jax.data import records as rec_lib
-
     data_dir = os.path.join(workdir, "data")
     root = c.data.image_root or None
     if c.data.adapter == "canonical":
@@ -183,15 +181,10 @@ def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, str |
             os.replace(os.path.join(data_dir, "train.jsonl.tmp"), out)
         _wait_for(out)
         return out, None
-    from ilvr_jax.data.adapters import get_adapter, relative_paths
+    from ilvr_jax.data.adapters import convert_to_jsonl
 
-    adapter = get_adapter(c.data.adapter)
-    kwargs = {"image_root": root} if c.data.adapter != "zebra" else {"out_dir": data_dir}
     if jax.process_index() == 0:
-        tmp = out + ".tmp"
-        rec_lib.write_jsonl(tmp, (relative_paths(r, data_dir) for r in
-                                  adapter.iter_records(c.data.train_path, **kwargs)))
-        os.replace(tmp, out)
+        convert_to_jsonl(c.data.adapter, c.data.train_path, out, root)
     _wait_for(out)
     return out, None
 

@@ -46,3 +46,25 @@ def test_eval_every_needs_a_scorer_and_held_out_records(tmp_path):
                       f"--config.data.train_path={tmp_path}", check=False)
     assert p.returncode == 2
     assert "train.eval_every needs data.scorer" in p.stderr and "train.eval_every needs data.eval_path" in p.stderr
+
+
+def test_adapter_sources_are_converted_for_training_and_evaluation(tmp_path):
+    """A training and a held-out source read through an adapter (here the maze one) are
+    converted into the workdir, and both the training and the evaluation use them."""
+    from ilvr_jax.data import maze
+
+    train_src = maze.generate_maze_dataset(str(tmp_path / "train_src"), 8, 5, (3, 4))
+    eval_src = maze.generate_maze_dataset(str(tmp_path / "eval_src"), 3, 6, (3, 3))
+    wd = str(tmp_path / "run")
+    runs.run_main(wd, "--config.data.adapter=maze", f"--config.data.train_path={train_src}",
+                  f"--config.data.eval_path={eval_src}", "--config.train.eval_every=4",
+                  "--config.train.eval_max_new_tokens=4", "--config.train.eval_batch_size=4")
+
+    def ids(path):
+        with open(path) as f:
+            return [json.loads(line)["id"] for line in f if line.strip()]
+
+    assert ids(os.path.join(wd, "data", "train.jsonl")) == ids(train_src)
+    assert ids(os.path.join(wd, "data", "eval", "eval.jsonl")) == ids(eval_src)
+    with open(os.path.join(wd, "eval", "step_4", "summary.json")) as f:
+        assert json.load(f)["modes"]["normal"]["count"] == 3

@@ -96,3 +96,17 @@ def relative_paths(rec: Mapping[str, Any], base_dir: str | os.PathLike) -> dict[
 
 
 __all__ = ["ADAPTER_NAMES", "Adapter", "absolute_paths", "get_adapter", "map_image_paths", "relative_paths"]
+
+
+def convert_to_jsonl(adapter: str, source: str, out: str, image_root: str | None = None) -> str:
+    """Canonical records of ``source`` (read by ``adapter``) written to ``out`` (atomically),
+    image paths relative to its directory; Zebra-CoT's embedded images are extracted there.
+    Returns ``out``."""
+    from ilvr_jax.data.records import write_jsonl
+
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    kwargs = {"image_root": image_root} if adapter != "zebra" else {"out_dir": out_dir}
+    write_jsonl(out + ".tmp", (relative_paths(r, out_dir) for r in get_adapter(adapter).iter_records(source, **kwargs)))
+    os.replace(out + ".tmp", out)
+    return out
