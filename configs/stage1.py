@@ -44,6 +44,9 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("ilvr.ce_weight", 1.0, "stage 1: weight of the next-token CE (stage 2's loss is the CE alone)"),
     ("ilvr.sim_weight", 1.0, "stage 1: weight of the latent alignment loss L_sim"),
     ("ilvr.noise_scale", 0.01, "stage 1: std of the noise added to the alignment targets"),
+    ("ilvr.target_selection", "teacher", "stage 1: latent targets: 'teacher' (ILVR's momentum-teacher top-p "
+     "selection), 'random' (as many patches as the teacher picks, drawn at random: the selection ablation) or "
+     "'mean_pool' (Mirage-style: the helper image mean-pooled into K latents)"),
     # data
     ("data.adapter", "canonical", "record format of data.train_path: canonical (CoMT-style JSONL), comt, vsp, "
                                   "zebra (Zebra-CoT parquet folders) or maze (synthetic)"),

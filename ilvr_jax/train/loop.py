@@ -276,6 +276,7 @@ def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> step_li
         loss_normalization=c.train.loss_normalization,
         stage2_chunk_len=tuple(int(w) or None for w in c.train.stage2_chunk_len),
         ce_chunk=int(c.model.ce_chunk),
+        target_selection=str(c.ilvr.target_selection),
     )
 
 

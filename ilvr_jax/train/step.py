@@ -84,6 +84,7 @@ class StepConfig:
     loss_normalization: str = "sample"  # "sample" (the reference) or "token"
     stage2_chunk_len: int | tuple | None = None  # stage-2 text-chunk windows (see ilvr.recurrence)
     ce_chunk: int = 1024               # CE over this many tokens at a time (no [B,S,V] logits); 0: full logits
+    target_selection: str = "teacher"  # latent targets: "teacher" (ILVR), "random" or "mean_pool" (baselines)
 
     def __post_init__(self):
         if self.stage not in (1, 2):
@@ -102,6 +103,9 @@ class StepConfig:
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.ce_chunk < 0:
             raise ValueError(f"ce_chunk must be >= 0 (0 = full logits), got {self.ce_chunk}")
+        if self.target_selection not in ilvr.TARGET_SELECTIONS:
+            raise ValueError(f"target_selection must be one of {ilvr.TARGET_SELECTIONS}, "
+                             f"got {self.target_selection!r}")
         if self.loss_normalization not in ("sample", "token"):
             raise ValueError(f"loss_normalization must be 'sample' or 'token', got {self.loss_normalization!r}")
         m = self.model
@@ -134,14 +138,25 @@ def _question_features(params: Params, cfg: StepConfig, batch: Batch) -> jax.Arr
 
 
 def teacher_targets(teacher_params: Params, cfg: StepConfig, batch: Batch,
-                    question_feats: jax.Array, position_ids: jax.Array) -> ilvr.Selection:
+                    question_feats: jax.Array, position_ids: jax.Array,
+                    key: jax.Array | None = None) -> ilvr.Selection:
     """One teacher forward for all segments -> each segment's selected targets (no gradient).
 
     Latent pads keep their plain token embedding; question images are in; helper images
-    go through the teacher's vision tower only, as candidates."""
+    go through the teacher's vision tower only, as candidates. ``cfg.target_selection``
+    swaps the teacher's choice for a baseline's (``ilvr.target_baselines``): "random"
+    keeps the teacher's K* and draws the patches with ``key``; "mean_pool" needs only
+    the helper features (no language-model forward)."""
     m = cfg.model
     ids = cfg.token_ids
     teacher_params = jax.lax.stop_gradient(teacher_params)
+    helper = vision.vision_forward(teacher_params["visual"], m.vision, batch["helper_pixel_values"],
+                                   batch["helper_grid_thw"], dtype=cfg.compute_dtype,
+                                   attn_impl=cfg.attn_impl)
+    cands, cand_mask = ilvr.pool_candidates(helper.astype(jnp.float32), batch["helper_grid_thw"],
+                                            cfg.num_candidates, m.vision.merge_unit)
+    if cfg.target_selection == "mean_pool":
+        return ilvr.mean_pooled_targets(cands, cand_mask, batch["segment_mask"], cfg.latent_size)
     input_ids = batch["input_ids"]
     tok_embeds = qwen25vl.embed_tokens(teacher_params, input_ids)
     embeds = qwen25vl.merge_image_features(tok_embeds.astype(cfg.compute_dtype), input_ids,
@@ -162,13 +177,12 @@ def teacher_targets(teacher_params: Params, cfg: StepConfig, batch: Batch,
     t, t_present = ilvr.segment_text_means(
         hidden, input_ids, batch["attention_mask"], batch["latent_starts"], batch["segment_mask"],
         batch["assistant_start"], cfg.latent_size, ids)
-    helper = vision.vision_forward(teacher_params["visual"], m.vision, batch["helper_pixel_values"],
-                                   batch["helper_grid_thw"], dtype=cfg.compute_dtype,
-                                   attn_impl=cfg.attn_impl)
-    cands, cand_mask = ilvr.pool_candidates(helper.astype(jnp.float32), batch["helper_grid_thw"],
-                                            cfg.num_candidates, m.vision.merge_unit)
-    return ilvr.select_helper_patches(u, t, t_present, cands, cand_mask, batch["segment_mask"],
-                                      cfg.latent_size, cfg.top_p)
+    sel = ilvr.select_helper_patches(u, t, t_present, cands, cand_mask, batch["segment_mask"],
+                                     cfg.latent_size, cfg.top_p)
+    if cfg.target_selection == "random":
+        return ilvr.random_helper_patches(key, cands, cand_mask, batch["segment_mask"], sel.kstar,
+                                          cfg.latent_size)
+    return sel
 
 
 def _input_embeds(params: Params, cfg: StepConfig, batch: Batch, question_feats: jax.Array) -> jax.Array:
@@ -262,7 +276,8 @@ def train_step(state: TrainState, batch: Batch, cfg: StepConfig,
         sel = None
         if cfg.stage == 1:
             q_teacher = q_shared if vision_frozen else _question_features(teacher_full, cfg, mb)
-            sel = teacher_targets(teacher_full, cfg, mb, q_teacher, position_ids)
+            sel = teacher_targets(teacher_full, cfg, mb, q_teacher, position_ids,
+                                  jax.random.fold_in(key, 1))
 
         def loss_fn(tr):
             params = opt_lib.merge_params(tr, frozen)

@@ -504,3 +504,36 @@ def test_trainable_vision_tower(tiny_setup, tt):
     expect = jax.tree.map(lambda t, s: d * t.astype(np.float64) + (1 - d) * s.astype(np.float64),
                           old.teacher, new.params)
     assert tt.max_abs_diff(new.teacher, expect) < 1e-7
+
+
+@pytest.mark.parametrize("mode", ["random", "mean_pool"])
+def test_baseline_target_selections_train_their_targets(tiny_setup, tt, mode):
+    """The selection ablation and the Mirage-style targets go through the same step: the
+    targets the step trains on are the baseline's (checked through K*: the teacher's count
+    for "random", min(K, candidates) for "mean_pool"), and the loss is finite."""
+    import dataclasses
+
+    base = tt.step_config(tiny_setup)
+    cfg = dataclasses.replace(base, target_selection=mode)
+    params = _device(tiny_setup.params)
+    batch = _device(tiny_setup.batch)
+
+    def kstar_of(c):
+        pos, _ = rope.mrope_position_ids(batch["input_ids"], batch["attention_mask"],
+                                         batch["image_grid_thw"], c.model)
+        qf = vision.vision_forward(params["visual"], c.model.vision, batch["pixel_values"],
+                                   batch["image_grid_thw"])
+        return np.asarray(step_lib.teacher_targets(params, c, batch, qf, pos, jax.random.key(0)).kstar)
+
+    seg = np.asarray(tiny_setup.batch["segment_mask"]).astype(bool)
+    teacher_k, mode_k = kstar_of(base), kstar_of(cfg)
+    if mode == "random":
+        np.testing.assert_array_equal(mode_k, teacher_k)
+    else:
+        counts = np.asarray(ilvr.helper_token_counts(batch["helper_grid_thw"], cfg.model.vision.merge_unit))
+        np.testing.assert_array_equal(mode_k, np.where(seg, np.minimum(np.minimum(counts, cfg.num_candidates),
+                                                                       cfg.latent_size), 0))
+    tx, sched = _sgd()
+    step = step_lib.compile_train_step(cfg, tx, sched)
+    state, m = step(tt.fresh_state(tiny_setup, cfg, tx), batch)
+    assert bool(m["finite"]) and float(m["sim"]) > 0
