@@ -79,6 +79,43 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     return out.reshape(b, sq, hq, d)
 
 
+def attention_over_blocks(q: jax.Array, blocks, implementation: str | None = None) -> jax.Array:
+    """Attention of q over the union of several key/value blocks, without concatenating
+    the keys or values.
+
+    q: [B, Sq, Hq, D]; blocks: a sequence of (k, v, mask), k and v [B, Sk_i, Hkv, D], mask
+    boolean broadcastable to [B, Hq, Sq, Sk_i]. One softmax runs over all the blocks' keys:
+    the same numbers as ``attention(..., "reference")`` on the concatenated keys and mask.
+    Only the [B, H, Sq, sum Sk_i] scores are joined, so a caller that attends to blocks kept
+    from earlier calls (a prefix computed piece by piece) holds each block once, in a
+    forward and in its backward, instead of a concatenated copy per call. The scores are
+    computed in fp32 with einsums whatever ``implementation`` says (accepted for a uniform
+    signature). Rows that attend to nothing yield zeros.
+    """
+    del implementation
+    b, sq, hq, d = q.shape
+    hkv = blocks[0][0].shape[2]
+    qg = q.reshape(b, sq, hkv, hq // hkv, d)
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    neg = jnp.finfo(jnp.float32).min
+    logits, masks = [], []
+    for k, _, mask in blocks:
+        lg = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+        m = jnp.broadcast_to(mask, (b, hq, sq, k.shape[1])).reshape(b, hkv, hq // hkv, sq, -1)
+        logits.append(jnp.where(m, lg, neg))
+        masks.append(m)
+    sizes = [k.shape[1] for k, _, _ in blocks]
+    w = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+    w = jnp.where(jnp.concatenate(masks, axis=-1), w, 0.0)
+    out = None
+    offset = 0
+    for (_, v, _), n in zip(blocks, sizes):
+        part = jnp.einsum("bhgqk,bkhd->bqhgd", w[..., offset:offset + n].astype(v.dtype), v)
+        out = part if out is None else out + part
+        offset += n
+    return out.reshape(b, sq, hq, d)
+
+
 def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                             max_segment_len: int, implementation: str | None = None) -> jax.Array:
     """Attention within contiguous segments of at most ``max_segment_len`` positions, in
