@@ -4,12 +4,19 @@ grows linearly with the sequence), and remat policies for scanned layers."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from ilvr_jax.model import splash
+
 Params = dict[str, Any]
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "reference")
+# "auto": the implementation of the platform the step runs on.
+PLATFORM_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cpu": "xla"}
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -50,16 +57,72 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+def resolve_attention_impl(name: str | None, platform: str | None) -> str:
+    """The attention implementation for config value ``name`` on ``platform`` ("tpu",
+    "gpu", "cpu"; "cuda" counts as "gpu"): "auto" picks splash on TPUs, cuDNN flash
+    attention on GPUs and XLA elsewhere; None is XLA (as everywhere in the model); any
+    other name is returned as is after checking it is one of
+    :data:`ATTENTION_IMPLEMENTATIONS`."""
+    if name is None:
+        return "xla"
+    if name == "auto":
+        platform = "gpu" if platform == "cuda" else platform  # cuDNN is NVIDIA's: rocm gets XLA
+        return PLATFORM_ATTENTION.get(platform or "", "xla")
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; choose from "
+                         f"{('auto',) + ATTENTION_IMPLEMENTATIONS}")
+    return name
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SegmentMask:
+    """An attention mask with its structure: query i attends to key j iff
+    ``q_segment_ids[b, i] == kv_segment_ids[b, j]`` and, when ``causal``, j <= i.
+
+    ``dense``: the caller's boolean mask broadcastable to [B, Hq, Sq, Sk], what every
+    implementation but "splash" uses (when None, the mask the ids and the causal flag
+    describe); the kernel uses the ids. The two must agree on every row the caller keeps
+    (padding rows may differ: the kernel gives each padding query a row of its own).
+    """
+
+    q_segment_ids: jax.Array  # [B, Sq] int32
+    kv_segment_ids: jax.Array  # [B, Sk] int32
+    dense: jax.Array | None = None
+    causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def as_dense(self) -> jax.Array:
+        if self.dense is not None:
+            return self.dense
+        m = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
+        if self.causal:
+            sq, sk = m.shape[1], m.shape[2]
+            m = m & (jnp.arange(sk)[None, None, :] <= jnp.arange(sq)[None, :, None])
+        return m[:, None]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | SegmentMask | None,
               implementation: str | None = None) -> jax.Array:
     """Scaled dot-product attention, the one place every attention goes through.
 
-    q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] with Hq a multiple of Hkv (GQA is handled by
-    ``jax.nn.dot_product_attention``); mask: boolean, broadcastable to [B, Hq, Sq, Sk]
-    (True = attend). ``implementation``: None/"xla" (XLA), "cudnn" (flash attention on
-    GPU), or "reference" (plain einsum softmax, fp32 accumulation). Rows that attend to
-    nothing yield zeros under "reference" and are the caller's responsibility otherwise.
+    q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] with Hq a multiple of Hkv (GQA); mask: boolean,
+    broadcastable to [B, Hq, Sq, Sk] (True = attend), or a :class:`SegmentMask` (the mask
+    with its structure). ``implementation``: None/"xla" (XLA), "cudnn" (flash attention on
+    GPU), "splash" (the TPU Pallas kernel of :mod:`splash`; it needs the structure, so a
+    plain boolean mask, as in the KV-cache paths, runs under XLA), or "reference" (plain
+    einsum softmax, fp32 accumulation). Rows that attend to nothing yield zeros under
+    "reference" and are the caller's responsibility otherwise.
     """
+    if implementation == "splash":
+        if isinstance(mask, SegmentMask):
+            return splash.splash_attention(q, k, v, mask.q_segment_ids, mask.kv_segment_ids,
+                                           causal=mask.causal)
+        if mask is None:
+            ids = jnp.zeros(q.shape[:2], jnp.int32)
+            return splash.splash_attention(q, k, v, ids, jnp.zeros(k.shape[:2], jnp.int32), causal=False)
+        implementation = "xla"
+    if isinstance(mask, SegmentMask):
+        mask = mask.as_dense()
     if implementation in (None, "xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     if implementation != "reference":
@@ -116,6 +179,10 @@ def attention_over_blocks(q: jax.Array, blocks, implementation: str | None = Non
     return out.reshape(b, sq, hq, d)
 
 
+# Segment id of positions past the sequence in local_segment_attention's blocks and bands.
+_OUTSIDE_ID = splash.PAD_KEY_ID + 1
+
+
 def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                             max_segment_len: int, implementation: str | None = None) -> jax.Array:
     """Attention within contiguous segments of at most ``max_segment_len`` positions, in
@@ -126,6 +193,7 @@ def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
     positions. The sequence is cut into blocks of W queries; a segment that meets block i
     lies inside blocks i-1..i+1, so each block attends to those 3W keys with the id mask.
     Same numbers as ``attention`` with the dense [N, N] id mask (the masked keys weigh 0).
+    Under "splash" each block of queries and its band run through the kernel by their ids.
     """
     b, n, h, d = q.shape
     w = max_segment_len
@@ -143,12 +211,19 @@ def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
         return jnp.concatenate([x[:, :-2], x[:, 1:-1], x[:, 2:]], axis=2)
 
     key_real = bands(jnp.ones((b, n), bool))  # False where a band reaches past the sequence
-    same = blocks(segment_ids)[..., :, None] == bands(segment_ids)[..., None, :]
+    q_ids, kv_ids = blocks(segment_ids), bands(segment_ids)
+    same = q_ids[..., :, None] == kv_ids[..., None, :]
     # Padding queries (past N) attend to everything so that no row is empty; they are dropped.
     mask = (same & key_real[..., None, :]) | ~real.reshape(nb, w)[None, :, :, None]
+    # The same rows by ids alone (for the splash kernel): positions past N, as queries and
+    # as keys, share an id no real position has, and a padding query finds itself among
+    # its block's keys.
+    q_ids = jnp.where(real.reshape(nb, w)[None], q_ids, _OUTSIDE_ID)
+    kv_ids = jnp.where(key_real, kv_ids, _OUTSIDE_ID)
+    mask = SegmentMask(q_ids.reshape(b * nb, w), kv_ids.reshape(b * nb, 3 * w),
+                       dense=mask.reshape(b * nb, 1, w, 3 * w))
     out = attention(blocks(q).reshape(b * nb, w, h, d), bands(k).reshape(b * nb, 3 * w, -1, d),
-                    bands(v).reshape(b * nb, 3 * w, -1, d), mask.reshape(b * nb, 1, w, 3 * w),
-                    implementation)
+                    bands(v).reshape(b * nb, 3 * w, -1, d), mask, implementation)
     return out.reshape(b, nb * w, h, d)[:, :n]
 
 
@@ -159,8 +234,11 @@ def query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
     of [B, H, N, N]. The chunk is rematerialised, so a backward pass recomputes it too.
 
     q, k, v: [B, N, H, D]; segment_ids [B, N]. Same numbers as ``attention`` with the dense
-    id mask.
+    id mask. Under "splash" the kernel takes all queries at once (it never holds more than
+    one tile of scores).
     """
+    if implementation == "splash":  # the kernel holds one tile of scores: no chunks needed
+        return attention(q, k, v, SegmentMask(segment_ids, segment_ids), implementation)
     b, n, h, d = q.shape
     c = min(query_chunk, n)
     nc = -(-n // c)

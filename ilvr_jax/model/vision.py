@@ -181,7 +181,7 @@ def segment_mask(ids: jax.Array) -> jax.Array:
 
 
 def vision_block(p: Params, cfg: VisionConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 mask: jax.Array | None = None, *, attn_impl: str | None = None,
+                 mask: jax.Array | layers.SegmentMask | None = None, *, attn_impl: str | None = None,
                  attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
                  ) -> jax.Array:
     """One pre-norm ViT block (params of a single layer, no leading axis):
@@ -280,7 +280,8 @@ def vision_forward(params_visual: Params, cfg: VisionConfig, pixel_values: jax.A
         p_layer, full = xs
         if attention_layout == "dense":
             # Segment ids for this layer: per frame (full attention) or per window.
-            mask = segment_mask(jnp.where(full, frame_id, window_id))
+            ids = jnp.where(full, frame_id, window_id)
+            mask = layers.SegmentMask(ids, ids, dense=segment_mask(ids))
             return vision_block(p_layer, cfg, h, cos, sin, mask, attn_impl=attn_impl), None
         if all(full_flags):
             attend = full_frames
