@@ -162,11 +162,38 @@ def validate(c) -> None:
         raise ConfigError(f"invalid config: stage must be 1 or 2, got {c.stage}")
     probe = ml_collections.ConfigDict(c.to_dict())
     probe.stage, probe.model.init = 1, "tiny"
+    # The attention implementation is the target's (attention_impl), not this host's.
+    probe.model.attn_impl = "xla"
     probe.data.adapter, probe.data.train_path, probe.data.image_root = "maze", "", ""
     try:
         loop.validate_config(probe)
     except loop.ConfigError as e:
         raise ConfigError(" ".join(str(e).split("\n"))) from None
+
+
+def attention_impl(c, platform: str) -> str:
+    """``model.attn_impl`` for the TARGET's platform ("tpu" / "gpu"), not this host's:
+    "auto" is splash on TPUs and cuDNN on GPUs; a kernel the target lacks is a config error."""
+    from ilvr_jax.model import layers
+
+    try:
+        impl = layers.resolve_attention_impl(c.model.attn_impl, platform)
+    except ValueError as e:
+        raise ConfigError(f"model.attn_impl: {e}") from None
+    if impl == "cudnn" and platform != "gpu":
+        raise ConfigError(f"model.attn_impl='cudnn' needs NVIDIA GPUs, the target is a {platform.upper()}; "
+                          "use 'auto' or 'splash'")
+    if impl == "splash" and platform != "tpu":
+        raise ConfigError(f"model.attn_impl='splash' is a TPU kernel, the target is a {platform.upper()}; "
+                          "use 'auto' or 'cudnn'")
+    return impl
+
+
+def with_attention_impl(c, impl: str):
+    """A copy of ``c`` whose ``model.attn_impl`` is the resolved ``impl``."""
+    c = c.copy_and_resolve_references()
+    c.model.attn_impl = impl
+    return c
 
 
 def model_config(c):
@@ -456,8 +483,9 @@ def suggestions(c, cfg, r: dict) -> list[str]:
     logits = S * max(micro, 1) * cfg.text.vocab_size * 4 / GiB
     out.append(f"fp32 logits are {logits:.1f} GiB per device at {S} tokens: a chunked cross-entropy (once "
                f"available), or a shorter data.max_length (e.g. {S // 2})")
-    if c.model.attn_impl != "cudnn":
-        out.append("attention scores grow with max_length^2: splash (TPU) / cudnn (GPU) attention once available")
+    if c.model.attn_impl not in ("cudnn", "splash"):
+        out.append("attention scores grow with max_length^2: --config.model.attn_impl=auto (splash on TPUs, "
+                   "cudnn on GPUs)")
     patches = max(int(c.data.max_question_patches), int(c.data.max_helper_patches))
     out.append(f"the vision tower attends over all {patches} patch rows of a sample: lower "
                "data.max_question_patches / data.max_helper_patches (or data.max_pixels)")
@@ -479,7 +507,8 @@ def format_report(c, r: dict) -> str:
     g = human_bytes
     dp, fsdp, tp = r["mesh"]
     lines = [f"target: {r['target']} ({r['devices']} x {r['device_kind']}), mesh (data, fsdp, tensor) = "
-             f"({dp}, {fsdp}, {tp}); stage {c.stage}, batch {c.data.batch_size} = {c.optim.grad_accum_steps} x "
+             f"({dp}, {fsdp}, {tp}); attention {r.get('attn_impl', c.model.attn_impl)}; stage {c.stage}, "
+             f"batch {c.data.batch_size} = {c.optim.grad_accum_steps} x "
              f"{int(c.data.batch_size) // int(c.optim.grad_accum_steps)}, max_length {c.data.max_length}, "
              f"patches {c.data.max_question_patches}:{c.data.max_helper_patches}, remat {c.model.remat_policy}",
              f"state: {g(r['state_bytes'])} in all, {g(r['state_bytes_per_device'])} per device "
@@ -522,11 +551,14 @@ def fit_check(c, target: str) -> dict:
     """The whole check for config ``c`` on ``target`` (a --topology value): the report dict."""
     from ilvr_jax.train import metrics as metrics_lib
 
-    validate(c)
     kind, name, count = resolve_target(target)
+    impl = attention_impl(c, kind)
+    validate(c)
+    c = with_attention_impl(c, impl)
     cfg = model_config(c)
     r = compile_tpu(c, cfg, name) if kind == "tpu" else estimate_gpu(c, cfg, name, count)
     r["stage"] = int(c.stage)
+    r["attn_impl"] = impl
     r["flops_per_step"] = metrics_lib.step_flops(
         cfg, stage=int(c.stage), batch=int(c.data.batch_size), seq_len=int(c.data.max_length),
         question_patches=int(c.data.max_question_patches), helper_patches=int(c.data.max_helper_patches),

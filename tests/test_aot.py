@@ -127,6 +127,27 @@ def test_gpu_preset_reports_the_7b_state_transformers_counts(stage):
     assert r["flops_per_step"] > 6 * trainable * 64 * 8192   # at least 6 N per trained token
 
 
+def test_attention_resolves_for_the_target_platform_not_the_host():
+    """"auto" is splash for a TPU target and cudnn for a GPU target on this CPU host; a kernel
+    the target lacks, or an unknown name, is a config error naming the key."""
+    sys.path.insert(0, REPO)
+    from configs.stage1 import get_config
+
+    from ilvr_jax import aot
+
+    c = get_config("debug")
+    for name, platform, want in [("auto", "tpu", "splash"), ("auto", "gpu", "cudnn"), ("xla", "tpu", "xla"),
+                                 ("splash", "tpu", "splash"), ("cudnn", "gpu", "cudnn")]:
+        c.model.attn_impl = name
+        assert aot.attention_impl(c, platform) == want, (name, platform)
+        assert aot.with_attention_impl(c, want).model.attn_impl == want and c.model.attn_impl == name
+    for name, platform, message in [("cudnn", "tpu", "needs NVIDIA GPUs"), ("splash", "gpu", "is a TPU kernel"),
+                                    ("flash", "tpu", "unknown attention implementation 'flash'")]:
+        c.model.attn_impl = name
+        with pytest.raises(aot.ConfigError, match=f"model.attn_impl.*{message}"):
+            aot.attention_impl(c, platform)
+
+
 def test_bad_flags_exit_2_with_one_line():
     for args, message in [
         ((f"--config={STAGE1}:debug",), "no --topology and the preset names none"),
@@ -135,6 +156,7 @@ def test_bad_flags_exit_2_with_one_line():
         ((f"--config={STAGE1}:gpu_8", "--config.mesh.shape=(1,3,1)"), "needs 3 devices, the topology has 8"),
         ((f"--config={STAGE1}:gpu_8", "--config.optim.grad_accum_steps=64"),
          "micro-batch (64 / 64 accumulation steps = 1) must be divisible by data x fsdp = 8"),
+        ((f"--config={STAGE1}:gpu_8", "--config.model.attn_impl=splash"), "'splash' is a TPU kernel"),
     ]:
         p = run_aot(*args, timeout=300)
         assert p.returncode == 2, (args, p.stdout[-2000:], p.stderr[-2000:])
@@ -195,8 +217,9 @@ def test_tiny_step_compiles_for_v5e_and_its_numbers_agree(libtpu, stage):
 
 
 def test_impossible_setting_reports_does_not_fit(libtpu):
-    # 65536 tokens x 4 heads of fp32 attention scores are 64 GiB per v5e chip.
-    p = run_aot(f"--config={STAGE1}:debug", *TINY_V5E, "--config.data.max_length=65536")
+    # 65536 tokens x 4 heads of fp32 attention scores (XLA's attention) are 64 GiB per v5e chip.
+    p = run_aot(f"--config={STAGE1}:debug", *TINY_V5E, "--config.data.max_length=65536",
+                "--config.model.attn_impl=xla")
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stdout + p.stderr
     last = p.stdout.strip().splitlines()[-1]

@@ -147,13 +147,14 @@ def attention_over_blocks(q: jax.Array, blocks, implementation: str | None = Non
     the keys or values.
 
     q: [B, Sq, Hq, D]; blocks: a sequence of (k, v, mask), k and v [B, Sk_i, Hkv, D], mask
-    boolean broadcastable to [B, Hq, Sq, Sk_i]. One softmax runs over all the blocks' keys:
-    the same numbers as ``attention(..., "reference")`` on the concatenated keys and mask.
-    Only the [B, H, Sq, sum Sk_i] scores are joined, so a caller that attends to blocks kept
-    from earlier calls (a prefix computed piece by piece) holds each block once, in a
-    forward and in its backward, instead of a concatenated copy per call. The scores are
-    computed in fp32 with einsums whatever ``implementation`` says (accepted for a uniform
-    signature). Rows that attend to nothing yield zeros.
+    boolean broadcastable to [B, Hq, Sq, Sk_i] (a :class:`SegmentMask` gives its dense mask).
+    One softmax runs over all the blocks' keys: the same numbers as
+    ``attention(..., "reference")`` on the concatenated keys and mask. Only the
+    [B, H, Sq, sum Sk_i] scores are joined, so a caller that attends to blocks kept from
+    earlier calls (a prefix computed piece by piece) holds each block once, in a forward and
+    in its backward, instead of a concatenated copy per call. The scores are computed in
+    fp32 with einsums whatever ``implementation`` says (accepted for a uniform signature).
+    Rows that attend to nothing yield zeros.
     """
     del implementation
     b, sq, hq, d = q.shape
@@ -163,6 +164,7 @@ def attention_over_blocks(q: jax.Array, blocks, implementation: str | None = Non
     neg = jnp.finfo(jnp.float32).min
     logits, masks = [], []
     for k, _, mask in blocks:
+        mask = mask.as_dense() if isinstance(mask, SegmentMask) else mask
         lg = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
         m = jnp.broadcast_to(mask, (b, hq, sq, k.shape[1])).reshape(b, hkv, hq // hkv, sq, -1)
         logits.append(jnp.where(m, lg, neg))
