@@ -383,6 +383,25 @@ def test_reference_attention_same_as_xla(tiny_dirs):
     assert rel_err(out, ref) < 1e-6
 
 
+def test_splash_attention_same_as_xla(tiny_dirs, monkeypatch):
+    """The splash kernel (interpret mode) in the windowed blocks (banded layout) and the
+    full-attention blocks (frame ids), padding patches included, as XLA's attention."""
+    from ilvr_jax.model import splash
+
+    calls = []
+    kernel = splash.splash_attention
+    monkeypatch.setattr(splash, "splash_attention", lambda *a, **k: calls.append(k["causal"]) or kernel(*a, **k))
+    cfg, _, params, _ = load(tiny_dirs, "untied_gqa2")
+    params = jax.tree.map(jnp.asarray, params)
+    g = [[1, 8, 12], [1, 2, 6]]
+    pv, grid = pack([(random_patches(cfg, g, 13), g)], 120, 3, cfg.patch_dim)
+    ref = np.asarray(forward(params, cfg, pv, grid))
+    out = np.asarray(jax.jit(vision.vision_forward, static_argnums=1, static_argnames="attn_impl")(
+        params, cfg, pv, grid, attn_impl="splash"))
+    assert calls == [False, False]  # traced once per branch: the windowed and the full blocks
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_bf16_close_to_fp32(tiny_dirs):
     cfg, _, params, _ = load(tiny_dirs, "untied_gqa2")
     params = jax.tree.map(jnp.asarray, params)
