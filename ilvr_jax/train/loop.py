@@ -416,6 +416,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
                 jax.device_count(), dict(mesh.shape))
     step = start_step
     best_acc: list[float] = []   # the best-metric values since the last checkpoint
+    kept = metrics_lib.KeptStepMetrics()   # device metrics of the steps not read yet
+
+    def read_kept() -> dict[str, float | bool]:
+        """Reads the kept steps' metrics (one transfer, waiting for the device) and applies
+        the NaN policy to each step in order; returns the newest step's values."""
+        newest: dict[str, float | bool] = {}
+        for kept_step, mh, flops in kept.read():
+            if not mh["finite"]:
+                msg = (f"non-finite loss or gradient at step {kept_step} (loss={mh['loss']}, "
+                       f"grad_norm={mh['grad_norm']})")
+                if scfg.nan_policy == "stop":
+                    # Nothing of this step or a later one is saved: every save reads first.
+                    raise TrainingDiverged(f"{msg}; training stopped (train.nan_policy='stop'). The last "
+                                           f"checkpoint in {manager.directory} is from before this step.")
+                logger.warning("%s; the update was skipped (train.nan_policy='skip')", msg)
+            if kept_step != start_step + 1:   # this process's first step includes compilation
+                thr.update(mh["tokens"], flops)
+            if best_metric and mh["finite"]:
+                best_acc.append(mh[best_metric])
+            newest = mh
+        return newest
+
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=start_step, disable=jax.process_index() != 0,
@@ -424,11 +446,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
         try:
             while step < total_steps:
                 if distributed.agreed_stop_signal(stop_request) is not None:   # all processes stop at one step
+                    read_kept()
                     _stop_with_checkpoint(stop_request, manager, step, start_step, state, it, config_json)
                 try:
                     host_batch = next(it)
                 except StopIteration:
                     logger.info("data exhausted at step %d", step)
+                    read_kept()
                     if step > start_step and manager.latest_step() != step:
                         ckpt_lib.save(manager, step, state, it.get_state(), config_json, force=True)
                     break
@@ -436,38 +460,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
                 state, m = train(state, _to_global(host_batch, b_sh))
                 step += 1
                 bar.update(1)
-                finite = bool(m["finite"])
-                if not finite:
-                    msg = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-                           f"grad_norm={float(m['grad_norm'])})")
-                    if scfg.nan_policy == "stop":
-                        # Nothing of this step is saved; the checkpoints so far stay as they are.
-                        raise TrainingDiverged(f"{msg}; training stopped (train.nan_policy='stop'). The last "
-                                               f"checkpoint in {manager.directory} is from before this step.")
-                    logger.warning("%s; the update was skipped (train.nan_policy='skip')", msg)
-                if step == start_step + 1:
-                    thr.skip()           # this process's first step includes compilation
-                else:
-                    thr.update(float(m["tokens"]), batch_flops(host_batch))
-                if best_metric and finite:
-                    best_acc.append(float(m[best_metric]))
-                if step % int(c.train.log_every) == 0 or step == total_steps:
-                    scalars = {k: float(v) for k, v in m.items() if k != "finite"}
+                kept.add(step, m, batch_flops(host_batch))
+                log_due = step % int(c.train.log_every) == 0 or step == total_steps
+                eval_due = eval_hook is not None and eval_hook.due(step, total_steps)
+                save_due = step == total_steps or manager.should_save(step)
+                # The host waits for the device only here; the first step is read at once so
+                # that the throughput clock starts after it (it includes compilation).
+                if log_due or eval_due or save_due or step == start_step + 1:
+                    mh = read_kept()
+                    if step == start_step + 1:
+                        thr.skip()
+                if log_due:
+                    scalars = {k: v for k, v in mh.items() if k != "finite"}
                     scalars.update(thr.read())   # tokens_per_s, step_time_s, tflops_per_device, mfu (None: unknown)
                     writer.write(step, scalars, extra={"batch_fingerprint": distributed.batch_fingerprint(host_batch),
-                                                       "finite": finite})
+                                                       "finite": mh["finite"]})
                     last = {k: v for k, v in scalars.items() if v is not None}
                     bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "ce", "sim", "kstar") if k in scalars})
                     logger.info("step %d: %s", step, metrics_lib.format_scalars(scalars))
-                if eval_hook is not None and eval_hook.due(step, total_steps):
+                if eval_due:
                     writer.write(step, eval_hook(step, state.params))
                     thr.skip()           # the evaluation's time is not a training step's
                 # Ranks checkpoints for train.keep_best_metric: the mean since the previous one.
                 ckpt_metrics = {best_metric: float(np.mean(best_acc))} if best_metric and best_acc else None
                 # The data position is read (a gather across processes) only for a save.
-                if (step == total_steps or manager.should_save(step)) and ckpt_lib.save(
-                        manager, step, state, it.get_state(), config_json, force=step == total_steps,
-                        metrics=ckpt_metrics):
+                if save_due and ckpt_lib.save(manager, step, state, it.get_state(), config_json,
+                                              force=step == total_steps, metrics=ckpt_metrics):
                     best_acc = []
         finally:
             bar.close()

@@ -284,6 +284,35 @@ class Throughput:
         return out
 
 
+class KeptStepMetrics:
+    """The device metrics of the steps since the last read, fetched together.
+
+    Reading a step's metrics on the host waits for that step to finish, so the loop keeps
+    them as device arrays and reads them only where it needs the values (log steps, before a
+    checkpoint or an evaluation, at the end); meanwhile the host prepares the next batches
+    while the device computes. ``extra`` is host data kept with a step (its FLOPs)."""
+
+    def __init__(self):
+        self._kept: list[tuple[int, dict[str, jax.Array], Any]] = []
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def add(self, step: int, metrics: dict[str, jax.Array], extra: Any = None) -> None:
+        self._kept.append((step, metrics, extra))
+
+    def read(self) -> list[tuple[int, dict[str, float | bool], Any]]:
+        """``(step, {name: value}, extra)`` of every kept step, oldest first (``finite`` as a
+        bool, the rest as floats), with one ``jax.device_get``; the list is then empty."""
+        if not self._kept:
+            return []
+        values = jax.device_get([m for _, m, _ in self._kept])
+        out = [(step, {k: bool(v) if k == "finite" else float(v) for k, v in host.items()}, extra)
+               for (step, _, extra), host in zip(self._kept, values)]
+        self._kept = []
+        return out
+
+
 def read_tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
     """``{tag: {step: value}}`` from the event files of ``logdir`` (oldest file first, so a
     later file's values win), honouring TensorBoard's purge of steps at and after a

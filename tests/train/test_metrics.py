@@ -85,6 +85,24 @@ def test_throughput_and_mfu(monkeypatch):
     assert M.peak_flops_per_device() is None and cpu.read()["mfu"] is None   # CPU: unknown peak
 
 
+def test_kept_step_metrics_are_read_together_in_step_order(monkeypatch):
+    import jax.numpy as jnp
+
+    kept = M.KeptStepMetrics()
+    calls = []
+    real_get = jax.device_get
+    monkeypatch.setattr(M.jax, "device_get", lambda x: calls.append(len(x)) or real_get(x))
+    for step in (1, 2, 3):
+        kept.add(step, {"loss": jnp.float32(step / 4), "finite": jnp.asarray(step != 2)}, extra=10 * step)
+    assert len(kept) == 3 and calls == []          # nothing read while steps are kept
+    got = kept.read()
+    assert calls == [3]                            # one transfer for the three steps
+    assert got == [(1, {"loss": 0.25, "finite": True}, 10), (2, {"loss": 0.5, "finite": False}, 20),
+                   (3, {"loss": 0.75, "finite": True}, 30)]
+    assert all(type(m["loss"]) is float and type(m["finite"]) is bool for _, m, _ in got)
+    assert len(kept) == 0 and kept.read() == [] and calls == [3]
+
+
 def test_peak_flops_by_device_kind():
     class Dev:
         device_kind = "NVIDIA H100 80GB HBM3"
