@@ -1,4 +1,4 @@
-"""Stage-2 latent recurrence (method section 5), KV-cached.
+"""Stage-2 latent recurrence (method section 5), with the sequence's keys/values kept piece by piece.
 
 The input embedding at every latent pad ``t`` is the student's last-layer hidden state
 (after the final norm) at ``t - 1``: ``e_t = h_{t-1}``, for all K pads of every segment,
@@ -14,8 +14,7 @@ latent is one cached decoder step:
 
 Rows have their segments at different positions, so chunk ``m`` of row ``b`` is gathered
 from that row's own offset into a fixed window of ``chunk_len`` tokens (positions past
-the row's chunk are computed but neither written to the cache nor kept). Cache slots are
-absolute positions, plus one trash slot that absorbs the masked writes. With
+the row's chunk are computed but masked out of attention and dropped). With
 ``chunk_len = S`` (the default) any batch is valid; a smaller ``chunk_len`` (at least the
 longest text chunk in the batch; see :func:`max_chunk_length`) brings the cost down to
 about one forward pass over the sequence.
@@ -108,51 +107,70 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
     embeds [B, S, D] (token embeddings with image features merged), attention_mask [B, S],
     position_ids [3, B, S] (M-RoPE ids of the whole sequence), latent_starts / segment_mask
     [B, M] (the contract layout), K latents per segment.
+
+    Memory: every piece of the sequence (a text chunk's window, a segment's K latents)
+    computes its keys/values once and keeps them as a context block that later pieces
+    attend to (``text.decoder_forward(context=...)``); nothing is written into a shared
+    cache. A differentiated step therefore holds each piece's keys/values once: about one
+    sequence's worth with tight windows, however many latent steps there are. Inside a
+    segment the K latent steps carry only that segment's [L, B, K] keys/values.
     """
     b, s, d = embeds.shape
     m_max = latent_starts.shape[1]
     widths = chunk_windows(chunk_len, m_max + 1, s)
-    trash = s  # the extra cache slot for masked writes
     valid_tok = jnp.asarray(attention_mask).astype(bool)
     seg = segment_mask.astype(bool)
     starts, ends = chunk_bounds(latent_starts, seg, K, s, valid_tok)
-    cache = text_lib.init_cache(cfg, b, s + 1, dtype)
     rows = jnp.arange(b)[:, None]
+    layers_, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
 
-    def run(x, pos_ids, slots, write, cache):
-        # ``write``: the token is real and its key/value enters the cache.
-        return text_lib.decoder_forward(params_text, cfg, x, pos_ids, write, cache=cache, slots=slots,
-                                        dtype=dtype, remat_policy=remat_policy, attn_impl=attn_impl)
+    def run(x, pos_ids, valid, context):
+        h, kv = text_lib.decoder_forward(params_text, cfg, x, pos_ids, valid, dtype=dtype,
+                                         remat_policy=remat_policy, attn_impl=attn_impl,
+                                         context=context, return_kv=True)
+        return h, kv["k"], kv["v"]
 
-    def text_chunk(cache, out, m):
+    def text_chunk(context, out, m):
         c = widths[m]
         pos = starts[:, m][:, None] + jnp.arange(c, dtype=jnp.int32)[None]          # [B, C]
         inside = pos < ends[:, m][:, None]
         pos_c = jnp.minimum(pos, s - 1)
-        slots = jnp.where(inside, pos_c, trash)
-        x = embeds[rows, pos_c]
-        pos_ids = position_ids[:, rows, pos_c]
-        h, cache = run(x, pos_ids, slots, inside & valid_tok[rows, pos_c], cache)
-        out = out.at[rows, slots].set(jnp.where(inside[..., None], h, out[rows, slots]))
+        valid = inside & valid_tok[rows, pos_c]
+        h, k, v = run(embeds[rows, pos_c], position_ids[:, rows, pos_c], valid, context)
+        # Window positions past the row's chunk are dropped (written to the spare row S).
+        slots = jnp.where(inside, pos_c, s)
+        out = out.at[rows, slots].set(h)
         last = jnp.clip(ends[:, m] - 1 - starts[:, m], 0, c - 1)
-        h_last = h[jnp.arange(b), last]                                             # [B, D]
-        return cache, out, h_last
+        return (k, v, valid), out, h[jnp.arange(b), last]                           # h_last [B, D]
 
-    def latent_step(carry, k, m):
-        cache, out, h_prev = carry
+    def latent_steps(context, out, h_last, m):
         present = seg[:, m]
-        p = latent_starts[:, m] + 1 + k
-        slot = jnp.where(present, jnp.minimum(p, s - 1), trash)[:, None]           # [B, 1]
-        pos_ids = position_ids[:, rows, jnp.minimum(p, s - 1)[:, None]]
-        h, cache = run(h_prev[:, None, :].astype(dtype), pos_ids, slot,
-                       (present & valid_tok[jnp.arange(b), jnp.minimum(p, s - 1)])[:, None], cache)
-        out = out.at[rows, slot].set(jnp.where(present[:, None, None], h, out[rows, slot]))
-        return (cache, out, h[:, 0]), None
+        first = latent_starts[:, m] + 1
+        lat_pos = jnp.minimum(first[:, None] + jnp.arange(K, dtype=jnp.int32)[None], s - 1)  # [B, K]
+        lat_valid = present[:, None] & valid_tok[rows, lat_pos]
 
-    out = jnp.zeros((b, s + 1, d), dtype)
-    for m in range(m_max + 1):  # static: M_max + 1 chunks and M_max * K latent steps
-        cache, out, h_last = text_chunk(cache, out, m)
+        def step(carry, k):
+            buf_k, buf_v, h_prev, out = carry
+            p = lat_pos[:, k][:, None]                                                # [B, 1]
+            seen = lat_valid & (jnp.arange(K)[None] < k)                              # earlier latents
+            h, nk, nv = run(h_prev[:, None, :].astype(dtype), position_ids[:, rows, p],
+                            lat_valid[:, k][:, None], list(context) + [(buf_k, buf_v, seen)])
+            buf_k = jax.lax.dynamic_update_slice_in_dim(buf_k, nk.astype(buf_k.dtype), k, axis=2)
+            buf_v = jax.lax.dynamic_update_slice_in_dim(buf_v, nv.astype(buf_v.dtype), k, axis=2)
+            out = out.at[rows, jnp.where(present[:, None], p, s)].set(h)
+            return (buf_k, buf_v, h[:, 0], out), None
+
+        zeros = jnp.zeros((layers_, b, K, kv_heads, head_dim), dtype)
+        (buf_k, buf_v, _, out), _ = jax.lax.scan(step, (zeros, zeros, h_last, out),
+                                                 jnp.arange(K, dtype=jnp.int32))
+        return (buf_k, buf_v, lat_valid), out
+
+    out = jnp.zeros((b, s + 1, d), dtype)          # row S: the spare row of dropped positions
+    context: list = []
+    for m in range(m_max + 1):  # static: M_max + 1 text chunks and M_max segments of K latent steps
+        block, out, h_last = text_chunk(context, out, m)
+        context.append(block)
         if m < m_max:
-            (cache, out, _), _ = jax.lax.scan(lambda carry, k: latent_step(carry, k, m),
-                                              (cache, out, h_last), jnp.arange(K, dtype=jnp.int32))
+            block, out = latent_steps(context, out, h_last, m)
+            context.append(block)
     return out[:, :s]

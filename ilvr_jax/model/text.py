@@ -24,6 +24,13 @@ earlier slots plus causally among the new tokens, and returns the new cache with
 whose ``attention_mask`` is 0): keys/values and validity are scattered there, a query
 attends to valid slots ``<=`` its own slot, and ``index`` is left unchanged. Either way the
 call is a pure function of its inputs, and differentiable.
+
+Context blocks (``context``): keys/values of tokens that precede every new token, kept by
+the caller from earlier calls (``return_kv=True`` returns a call's own keys/values
+[L, B, S, Hkv, hd]), each ``(k, v, mask [B, T])``. The new tokens attend to the valid keys
+of every block and causally among themselves, with one softmax over all of them
+(``layers.attention_over_blocks``). Unlike a cache, the blocks are never written to, so a
+differentiated prefix computed piece by piece holds each piece once.
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ def _write_cache(c: jax.Array, x: jax.Array, index, slots) -> jax.Array:
 
 
 def _attention_block(x: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin: jax.Array,
-                     mask: jax.Array, kv_cache, index, slots, dtype, attn_impl):
+                     mask: jax.Array, kv_cache, index, slots, dtype, attn_impl, context=None):
     b, s, _ = x.shape
     hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q = layers.dense(x, p["q_proj"], dtype).reshape(b, s, hq, hd)
@@ -94,20 +101,27 @@ def _attention_block(x: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, s
         cv = _write_cache(cv, v, index, slots)
         new_kv = (ck, cv)
         k, v = ck.astype(dtype), cv.astype(dtype)
-    out = layers.attention(q, k, v, mask, attn_impl)
+    if context is not None:
+        new_kv = (k, v)
+    if context:
+        blocks = [(ck.astype(dtype), cv.astype(dtype), cm[:, None, None, :]) for ck, cv, cm in context]
+        out = layers.attention_over_blocks(q, blocks + [(k, v, mask)], attn_impl)
+    else:
+        out = layers.attention(q, k, v, mask, attn_impl)
     out = sharding.constrain(out, ("batch", "seq", "act_heads", None)).reshape(b, s, hq * hd)
     return layers.dense(out, p["o_proj"], dtype), new_kv
 
 
 def decoder_layer(h: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, kv_cache=None, index=None, slots=None, *, dtype=jnp.float32,
-                  attn_impl=None):
+                  attn_impl=None, context=None):
     """One decoder layer on the residual stream h [B, S, D] (params of one layer, unstacked).
+    ``context``: this layer's slices ``(k [B,T,Hkv,hd], v, mask [B,T])`` of the context blocks.
 
-    Returns (h, (k_cache, v_cache) or None)."""
+    Returns (h, (k_cache, v_cache), or the new tokens' (k, v) with a context, or None)."""
     x = layers.rms_norm(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps)
     attn, new_kv = _attention_block(x, p["self_attn"], cfg, cos, sin, mask, kv_cache, index, slots, dtype,
-                                    attn_impl)
+                                    attn_impl, context)
     h = sharding.constrain(h + attn, ("batch", "seq", "act_embed"))
     x = layers.rms_norm(h, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     h = sharding.constrain(h + layers.gated_mlp(x, p["mlp"], dtype), ("batch", "seq", "act_embed"))
@@ -117,7 +131,7 @@ def decoder_layer(h: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin:
 def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, position_ids: jax.Array,
                     attention_mask: jax.Array | None, *, cache: Cache | None = None,
                     slots: jax.Array | None = None, dtype=jnp.float32, remat_policy: str = "none",
-                    attn_impl: str | None = None):
+                    attn_impl: str | None = None, context=None, return_kv: bool = False):
     """The decoder stack on input embeddings.
 
     Args:
@@ -130,13 +144,23 @@ def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, pos
         cache. Valid tokens need distinct slots; tokens with ``attention_mask`` 0 may share
         one spare slot.
       dtype: compute dtype of activations and matmuls (RMSNorm statistics and RoPE in fp32).
+      context: a sequence of context blocks ``(k, v, mask)``, k and v [L, B, T, Hkv, hd],
+        mask [B, T] (True = a valid key); every new token attends to all their valid keys.
+        Not with a cache.
+      return_kv: return the new tokens' keys/values (as the context blocks hold them)
+        instead of a cache. Not with a cache.
 
     Returns:
-      (hidden [B, S, D] after the final norm, new cache or None).
+      (hidden [B, S, D] after the final norm, new cache or None), or with ``return_kv``
+      (hidden, {"k", "v": [L, B, S, Hkv, hd]}).
     """
     b, s, _ = embeds.shape
     valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     cos, sin = mrope_cos_sin(position_ids, cfg)
+    if cache is not None and (context is not None or return_kv):
+        raise ValueError("context blocks and return_kv are not for a call with a cache")
+    if return_kv and context is None:
+        context = ()
     if cache is None:
         if slots is not None:
             raise ValueError("slots given without a cache")
@@ -156,16 +180,20 @@ def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, pos
             mask = attention_mask_4d(new_mask, slots)
 
     def body(h, xs):
-        lp, kv = xs
+        lp, kv, ctx_kv = xs
+        ctx = None if context is None else [(ck, cv, cm) for (ck, cv), (_, _, cm) in zip(ctx_kv, context)]
         h, new_kv = decoder_layer(h, lp, cfg, cos, sin, mask, kv, index, slots, dtype=dtype,
-                                  attn_impl=attn_impl)
+                                  attn_impl=attn_impl, context=ctx)
         return h, new_kv
 
     body = layers.remat(body, remat_policy)
     h = sharding.constrain(embeds.astype(dtype), ("batch", "seq", "act_embed"))
     kv_xs = None if cache is None else (cache["k"], cache["v"])
-    h, kv_ys = jax.lax.scan(body, h, (params_text["layers"], kv_xs))
+    ctx_xs = None if context is None else [(ck, cv) for ck, cv, _ in context]
+    h, kv_ys = jax.lax.scan(body, h, (params_text["layers"], kv_xs, ctx_xs))
     h = layers.rms_norm(h, params_text["norm"]["scale"], cfg.rms_norm_eps)
+    if return_kv:
+        return h, {"k": kv_ys[0], "v": kv_ys[1]}
     new_cache = None
     if cache is not None:
         new_cache = {"k": kv_ys[0], "v": kv_ys[1], "mask": new_mask,

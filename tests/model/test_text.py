@@ -106,3 +106,48 @@ def test_reference_attention_implementation_agrees(tiny_dir):
     h_ref, _ = text.decoder_forward(params["text"], cfg.text, embeds, pos, mask, attn_impl="reference")
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(h_ref)[valid], np.asarray(h_xla)[valid], rtol=0, atol=1e-5)
+
+
+def test_context_blocks_equal_one_forward_over_the_whole_sequence(tiny_dir):
+    """A right-padded sequence cut into three pieces, each run with the earlier pieces'
+    returned keys/values as context blocks (the middle piece also with a block of garbage
+    keys that its mask hides): the hidden states of the real tokens equal one forward over
+    the whole sequence, and so do the gradients with respect to the input embeddings."""
+    cfg, pos, embeds, mask = _inputs(tiny_dir, "mixed_right")
+    _, params = jax_params(tiny_dir)
+    p, tc = params["text"], cfg.text
+    valid = mask.astype(bool)
+    cuts = (0, 5, 9, mask.shape[1])
+    garbage_k = jnp.asarray(np.random.RandomState(3).randn(tc.num_hidden_layers, mask.shape[0], 4,
+                                                            tc.num_key_value_heads, tc.head_dim) * 10, jnp.float32)
+    hidden_mask = jnp.zeros((mask.shape[0], 4), bool)
+
+    def pieces(e):
+        context, hs = [], []
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            extra = [(garbage_k, garbage_k, hidden_mask)] if i == 1 else []
+            h, kv = text.decoder_forward(p, tc, e[:, a:b], pos[:, :, a:b], valid[:, a:b],
+                                         context=context + extra, return_kv=True)
+            context.append((kv["k"], kv["v"], jnp.asarray(valid[:, a:b])))
+            hs.append(h)
+        return jnp.concatenate(hs, axis=1)
+
+    def whole(e):
+        return text.decoder_forward(p, tc, e, pos, valid, attn_impl="reference")[0]
+
+    e = jnp.asarray(embeds)
+    got, want = np.asarray(jax.jit(pieces)(e)), np.asarray(jax.jit(whole)(e))
+    np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=2e-6 * _scale(want))
+    w = jnp.asarray(np.random.RandomState(1).randn(*want.shape).astype(np.float32) * valid[..., None])
+    g_got = np.asarray(jax.grad(lambda x: jnp.sum(pieces(x) * w))(e))
+    g_want = np.asarray(jax.grad(lambda x: jnp.sum(whole(x) * w))(e))
+    np.testing.assert_allclose(g_got[valid], g_want[valid], rtol=0, atol=2e-6 * _scale(g_want))
+
+
+def test_context_blocks_refuse_a_cache(tiny_dir):
+    cfg, pos, embeds, mask = _inputs(tiny_dir, "text_only")
+    _, params = jax_params(tiny_dir)
+    cache = text.init_cache(cfg.text, mask.shape[0], mask.shape[1])
+    with pytest.raises(ValueError, match="not for a call with a cache"):
+        text.decoder_forward(params["text"], cfg.text, jnp.asarray(embeds), pos, mask, cache=cache,
+                             return_kv=True)
