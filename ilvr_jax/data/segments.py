@@ -231,6 +231,18 @@ class SampleSize:
     question_patches: int
     num_segments: int
     helper_patches: int
+    # Stage 2 runs the text between latent segments as chunks (``ilvr.recurrence``): the
+    # longest chunk after the first (0 without segments; None without a tokenizer).
+    later_chunk_len: int | None = None
+
+
+def later_chunk_length(latent_starts: np.ndarray, latent_size: int, seq_len: int) -> int:
+    """The longest text chunk after the first: from a segment's ``<|latent_end|>`` up to
+    and including the next ``<|latent_start|>`` (or to the end of the sequence after the
+    last segment); 0 without segments. The chunks of ``ilvr.recurrence.chunk_bounds``."""
+    starts = [int(p) + latent_size + 1 for p in latent_starts]
+    ends = [int(p) + 1 for p in latent_starts[1:]] + [int(seq_len)]
+    return max((e - s for s, e in zip(starts, ends)), default=0)
 
 
 def question_paths(rec: Mapping[str, Any], root) -> list[str]:
@@ -255,15 +267,18 @@ def measure_record(
     (``tokenizer`` None: patch counts only, ``seq_len`` None)."""
     q_grids = [proc.image_grid_thw(*_size(p, where), image_cfg) for p in question_paths(rec, root)]
     h_grids = [proc.image_grid_thw(*_size(p, where), image_cfg) for p in helper_paths(rec, root)]
-    seq_len = None
+    seq_len = later = None
     if tokenizer is not None:
-        seq_len = len(tokenize_record(rec, tokenizer, q_grids, fmt, ids=ids, where=where).input_ids)
+        tok = tokenize_record(rec, tokenizer, q_grids, fmt, ids=ids, where=where)
+        seq_len = len(tok.input_ids)
+        later = later_chunk_length(tok.latent_starts, fmt.latent_size, seq_len)
     return SampleSize(
         seq_len=seq_len,
         num_question_images=len(q_grids),
         question_patches=sum(proc.num_patches(g) for g in q_grids),
         num_segments=len(h_grids),
         helper_patches=sum(proc.num_patches(g) for g in h_grids),
+        later_chunk_len=later,
     )
 
 

@@ -47,7 +47,9 @@ def check(tokenizer, root, limits=C.RecordLimits(), verify=True, **kw):
 def test_good_record_size_is_the_built_sample(tokenizer, root):
     rec, size = check(tokenizer, root)
     sample = S.build_sample(rec, root, tokenizer, IMG, FMT)
-    assert size == S.SampleSize(len(sample.input_ids), 1, len(sample.pixel_values), 1, len(sample.helper_pixel_values))
+    later = S.later_chunk_length(sample.latent_starts, FMT.latent_size, len(sample.input_ids))
+    assert size == S.SampleSize(len(sample.input_ids), 1, len(sample.pixel_values), 1, len(sample.helper_pixel_values),
+                                later)
 
 
 @pytest.mark.parametrize("kw, reason, fragment", [
