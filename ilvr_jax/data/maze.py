@@ -422,3 +422,53 @@ def generate_maze_dataset(out_dir: str, n: int, seed: int, sizes: tuple[int, int
     os.replace(tmp, path)  # a reader never sees a half-written file
     return path
 
+
+
+# --------------------------------------------------------------------------------------------
+# Variants of a record for the baselines (text-only SFT, one latent segment as in Mirage)
+# --------------------------------------------------------------------------------------------
+
+_TRAIL = (229, 57, 53)  # the path's line, the agent's colour
+
+
+def render_path_board(map_desc, moves: Sequence[str], cell_px: int = 32):
+    """PIL RGB image of the board with the whole walk drawn on it: a line through the centres
+    of the visited cells and the agent's disc on the last one (one picture of the solution,
+    the single helper image of a Mirage-style record)."""
+    from PIL import ImageDraw
+
+    cells = path_cells(map_desc, moves)
+    img = render_board(map_desc, cells[-1], cell_px)
+    draw = ImageDraw.Draw(img)
+    centres = [(c * cell_px + cell_px // 2, r * cell_px + cell_px // 2) for r, c in cells]
+    if len(centres) > 1:
+        draw.line(centres, fill=_TRAIL, width=max(2, cell_px // 8))
+    return img
+
+
+def text_only_record(record: dict) -> dict:
+    """A copy of a maze record without its latent steps: the same reasoning text and answer,
+    no helper images (the text-only fine-tuning baseline)."""
+    out = {k: v for k, v in record.items() if k != "helper_images"}
+    out["sequence_plan"] = [dict(s) for s in record["sequence_plan"] if s["type"] != "latent"]
+    out["map_desc"] = [list(row) for row in record["map_desc"]]
+    return out
+
+
+def single_latent_record(record: dict, helper_image: str) -> dict:
+    """A copy of a maze record whose plan starts with one latent step (``helper_image``: the
+    whole path drawn on the board, :func:`render_path_board`) followed by the reasoning texts
+    without latent steps: Mirage's layout of one imagined picture, then the text."""
+    out = text_only_record(record)
+    out["sequence_plan"] = [latent_step(helper_image)] + out["sequence_plan"]
+    return out
+
+
+def write_path_image(record: dict, root: str, *, cell_px: int = 32) -> None:
+    """Renders the path board of a :func:`single_latent_record` to its (root-relative) helper
+    image path; the moves are read from the record's answer."""
+    moves = parse_answer(record["original_final_answer"])
+    helpers = [s["helper_image"] for s in record["sequence_plan"] if s["type"] == "latent"]
+    if len(helpers) != 1 or moves is None:
+        raise ValueError(f"{record.get('id')}: expected one latent step and a \\boxed{{}} move answer")
+    _save_png(render_path_board(record["map_desc"], moves, cell_px), os.path.join(root, helpers[0]))

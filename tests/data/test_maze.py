@@ -193,3 +193,43 @@ def test_bad_sizes_rejected():
         list(maze.generate_maze_records(1, 0, sizes=(5, 3)))
     with pytest.raises(ValueError, match="hole_prob"):
         list(maze.generate_maze_records(1, 0, hole_prob=1.0))
+
+
+def test_text_only_record_keeps_the_text_and_drops_the_latents(tmp_path):
+    rec = next(maze.generate_maze_records(1, seed=3, sizes=(4, 4)))
+    text = maze.text_only_record(rec)
+    moves = maze.parse_answer(rec["original_final_answer"])
+    assert [s["type"] for s in text["sequence_plan"]] == ["text"] * (len(moves) + 1)
+    assert [s["content"] for s in text["sequence_plan"]] == \
+        [s["content"] for s in rec["sequence_plan"] if s["type"] == "text"]
+    assert helper_images(text) == []
+    for key in ("text_input", "image_input", "original_final_answer", "map_desc", "id"):
+        assert text[key] == rec[key]
+    assert len(helper_images(rec)) == len(moves)   # the source record is left as it was
+    validate_record(text, str(tmp_path), where=text["id"], check_images=False)
+
+
+def test_single_latent_record_and_its_path_image(tmp_path):
+    rec = next(r for r in maze.generate_maze_records(20, seed=4, sizes=(4, 4))
+               if len(maze.parse_answer(r["original_final_answer"])) >= 3)
+    single = maze.single_latent_record(rec, f"images/{rec['id']}/path.png")
+    plan = single["sequence_plan"]
+    assert plan[0] == {"type": "latent", "helper_image": f"images/{rec['id']}/path.png"}
+    assert [s["type"] for s in plan[1:]] == ["text"] * (len(plan) - 1)
+    maze.write_record_images(rec, str(tmp_path), cell_px=20)
+    maze.write_path_image(single, str(tmp_path), cell_px=20)
+    validate_record(single, str(tmp_path), where=single["id"])
+    arr = np.asarray(Image.open(os.path.join(tmp_path, plan[0]["helper_image"])).convert("RGB")).astype(int)
+    cells = maze.path_cells(rec["map_desc"], maze.parse_answer(rec["original_final_answer"]))
+    red = np.array(maze._AGENT)
+
+    def reddish(px):
+        return np.abs(px - red).sum() < 10
+
+    # The trail passes through the centre of every visited cell and of no cell off the path
+    # (cell centres are where the line's segments meet).
+    for rr in range(4):
+        for cc in range(4):
+            assert reddish(arr[rr * 20 + 10, cc * 20 + 10]) == ((rr, cc) in cells), (rr, cc)
+    with pytest.raises(ValueError, match="one latent step"):
+        maze.write_path_image(rec, str(tmp_path))
