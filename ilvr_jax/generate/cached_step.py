@@ -1,18 +1,28 @@
-"""One-token decoder step that updates the KV cache in place.
+"""One-token decoder step for the decode loop, on a cache laid out for decoding.
 
-The same maths as ``qwen25vl.decode_step`` (same layers, same cache layout
-``{"k", "v": [L, B, T, Hkv, hd], "mask": [B, T], "index"}``), arranged for a decode loop:
-each layer reads its layer of the cache, attends to it and to the new token's own key/value
-(:func:`single_query_attention`), and after the scan the new keys/values of all layers go
-into their slot with one ``dynamic_update_slice`` per cache, in place. ``decoder_forward``
-instead passes the cache through the scan as per-layer inputs and outputs, which copies the
-whole cache every step (and its dot attention transposes each layer's cache): costs that
-grow with batch x cache length and dominated small-model decoding.
+The same maths as ``qwen25vl.decode_step`` (same layers, same positions, same visible
+slots), arranged so that nothing in a loop iteration copies the cache:
+
+* :class:`DecodeCache` keeps one buffer per layer instead of the model's stacked
+  ``[L, B, T, Hkv, hd]`` arrays: a layer reads and writes its own buffer, where slicing a
+  stacked cache inside the loop materialises every layer's slice, every step.
+* keys are stored ``[B, Hkv, hd, T]`` and values ``[B, Hkv, T, hd]``: the score and the
+  value products are then plain batched matmuls over the stored layout (no per-step
+  transpose of the cache into the layout a dot wants).
+* each layer writes its new key/value into slot ``index`` first and attends to the buffer
+  it just wrote (self included through the validity mask). The read then depends on the
+  write, so XLA updates the loop-carried buffer in place; reading the old buffer and writing
+  afterwards leaves the two unordered and makes XLA copy the buffer to keep the old value.
+* the layers are unrolled over per-layer parameters sliced once before the loop
+  (:func:`layer_params`), not scanned: a scan would slice the stacked weights and caches
+  again in every iteration.
+
+:func:`decode_cache` converts the cache a prefill wrote; :func:`model_cache` converts back.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,69 +34,97 @@ from ilvr_jax.model.rope import mrope_cos_sin
 Params = dict[str, Any]
 
 
-def single_query_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_valid: jax.Array,
-                           k_new: jax.Array, v_new: jax.Array) -> jax.Array:
-    """Softmax attention of one new token per row over the cache plus itself.
+class DecodeCache(NamedTuple):
+    """keys: per layer [B, Hkv, hd, T]; values: per layer [B, Hkv, T, hd]; valid [B, T] bool
+    (slots a token may attend to); index: the shared write slot of the next token (every row
+    writes its t-th new token at the same slot, prompts being left-padded).
 
-    q [B, 1, Hq, hd]; k_cache, v_cache [B, T, Hkv, hd] as stored (before the new token is
-    written); cache_valid [B, T] bool (the slots the token may see, its own slot excluded);
-    k_new, v_new [B, 1, Hkv, hd]. GQA: query head j reads kv head j // (Hq / Hkv). Returns
-    [B, 1, Hq, hd] fp32. The cache is read as it is stored, with multiply-and-reduce: one
-    query is bound by reading the cache, and a dot would first transpose it into the
-    batch-major layout a dot needs, every step; reading it before the write lets the write
-    update the buffer in place.
+    Slots at or after ``index`` are never valid: the prefill marks only its own S slots and
+    each step marks the slot it writes."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+
+
+def decode_cache(cache: dict) -> DecodeCache:
+    """The model's cache (``{"k", "v": [L, B, T, Hkv, hd], "mask", "index"}``) in decode layout."""
+    n = cache["k"].shape[0]
+    return DecodeCache(keys=tuple(jnp.transpose(cache["k"][i], (0, 2, 3, 1)) for i in range(n)),
+                       values=tuple(jnp.transpose(cache["v"][i], (0, 2, 1, 3)) for i in range(n)),
+                       valid=jnp.asarray(cache["mask"], bool), index=jnp.asarray(cache["index"], jnp.int32))
+
+
+def model_cache(cache: DecodeCache) -> dict:
+    """The inverse of :func:`decode_cache`."""
+    return {"k": jnp.stack([jnp.transpose(k, (0, 3, 1, 2)) for k in cache.keys]),
+            "v": jnp.stack([jnp.transpose(v, (0, 2, 1, 3)) for v in cache.values]),
+            "mask": cache.valid, "index": cache.index}
+
+
+def layer_params(params: Params) -> tuple[Params, ...]:
+    """``params["text"]["layers"]`` (stacked on a leading axis) as one tree per layer."""
+    stacked = params["text"]["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n))
+
+
+def first_token_positions(cache: DecodeCache, rope_deltas: jax.Array) -> jax.Array:
+    """[B] M-RoPE id of each row's next token: its valid slots so far plus its rope delta
+    (as ``qwen25vl.decode_step``); each step adds 1."""
+    b = cache.valid.shape[0]
+    return jnp.sum(cache.valid, axis=1, dtype=jnp.int32) + jnp.asarray(rope_deltas, jnp.int32).reshape(b)
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, valid: jax.Array) -> jax.Array:
+    """Softmax attention of one query per row over a layer's cache.
+
+    q [B, Hq, hd]; keys [B, Hkv, hd, T]; values [B, Hkv, T, hd]; valid [B, T] (at least one
+    slot per row: the query's own). GQA: query head j reads kv head j // (Hq / Hkv).
+    Returns [B, Hq, hd] fp32.
     """
-    b, _, hq, hd = q.shape
-    hkv = k_cache.shape[2]
-    qg = q.reshape(b, 1, hkv, hq // hkv, hd).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
-    s_old = jnp.sum(qg * k_cache[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, T, Hkv, G]
-    s_old = jnp.where(cache_valid[:, :, None, None], s_old, -jnp.inf)
-    s_new = jnp.sum(qg * k_new[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, 1, Hkv, G]
-    m = jnp.maximum(jnp.max(s_old, axis=1, keepdims=True), s_new)
-    e_old, e_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
-    denom = jnp.sum(e_old, axis=1) + e_new[:, 0]  # [B, Hkv, G]
-    num = (jnp.sum(e_old[..., None] * v_cache[:, :, :, None, :].astype(jnp.float32), axis=1)
-           + e_new[:, 0, ..., None] * v_new[:, 0, :, None, :].astype(jnp.float32))  # [B, Hkv, G, hd]
-    return (num / denom[..., None]).reshape(b, 1, hq, hd)
+    b, hq, hd = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, hd).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
+    scores = jnp.einsum("bhgd,bhdt->bhgt", qg, keys.astype(jnp.float32))
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhgt,bhtd->bhgd", weights, values.astype(jnp.float32)).reshape(b, hq, hd)
 
 
-def decode_step_inplace(params: Params, cfg: ModelConfig, embeds: jax.Array, cache: dict, rope_deltas: jax.Array,
-                        *, dtype=jnp.float32):
-    """embeds [B, 1, D] -> (logits [B, 1, V] fp32, hidden [B, 1, D] after the final norm, cache).
+def decode_step(params: Params, per_layer: tuple[Params, ...], cfg: ModelConfig, embeds: jax.Array,
+                cache: DecodeCache, positions: jax.Array, *, dtype=jnp.float32):
+    """embeds [B, D] at M-RoPE ids ``positions`` [B] (all three axes) -> (logits [B, V] fp32,
+    hidden [B, D] after the final norm, cache with the token at slot ``index``).
 
-    The new token takes slot ``cache["index"]`` and the M-RoPE id ``(valid slots) +
-    rope_deltas`` on all three axes, and sees the valid slots before its own, as in
-    ``qwen25vl.decode_step``.
+    ``per_layer``: :func:`layer_params` of ``params``. Every row's token becomes valid and
+    attends to the valid slots before it and to itself, as in ``qwen25vl.decode_step``.
     """
     tcfg = cfg.text
     b = embeds.shape[0]
     hq, hkv, hd = tcfg.num_attention_heads, tcfg.num_key_value_heads, tcfg.head_dim
-    index = jnp.asarray(cache["index"], jnp.int32)
-    pos = jnp.sum(cache["mask"], axis=1, dtype=jnp.int32) + jnp.asarray(rope_deltas, jnp.int32).reshape(b)
-    cos, sin = mrope_cos_sin(jnp.broadcast_to(pos[None, :, None], (3, b, 1)), tcfg)
-    slots = jnp.arange(cache["mask"].shape[1], dtype=jnp.int32)
-    cache_valid = cache["mask"] & (slots < index)[None]
-    new_mask = jax.lax.dynamic_update_slice(cache["mask"], jnp.ones((b, 1), bool), (0, index))
-
-    def body(h, xs):
-        p, k_layer, v_layer = xs
+    index = cache.index
+    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, 1), bool), (0, index))
+    cos, sin = mrope_cos_sin(jnp.broadcast_to(positions.astype(jnp.int32)[None, :, None], (3, b, 1)), tcfg)
+    h = embeds.astype(dtype)[:, None, :]
+    keys, values = [], []
+    for p, k_buf, v_buf in zip(per_layer, cache.keys, cache.values):
         x = layers.rms_norm(h, p["input_layernorm"]["scale"], tcfg.rms_norm_eps)
         a = p["self_attn"]
         q = layers.apply_rotary(layers.dense(x, a["q_proj"], dtype).reshape(b, 1, hq, hd), cos, sin)
         k = layers.apply_rotary(layers.dense(x, a["k_proj"], dtype).reshape(b, 1, hkv, hd), cos, sin)
         v = layers.dense(x, a["v_proj"], dtype).reshape(b, 1, hkv, hd)
-        k, v = k.astype(k_layer.dtype), v.astype(v_layer.dtype)  # attend to what the cache will keep
-        out = single_query_attention(q, k_layer, v_layer, cache_valid, k, v)
+        k_buf = jax.lax.dynamic_update_slice(k_buf, jnp.transpose(k, (0, 2, 3, 1)).astype(k_buf.dtype),
+                                             (0, 0, 0, index))
+        v_buf = jax.lax.dynamic_update_slice(v_buf, jnp.transpose(v, (0, 2, 1, 3)).astype(v_buf.dtype),
+                                             (0, 0, index, 0))
+        keys.append(k_buf)
+        values.append(v_buf)
+        out = cached_attention(q[:, 0], k_buf, v_buf, valid)
         h = h + layers.dense(out.reshape(b, 1, hq * hd).astype(dtype), a["o_proj"], dtype)
         x = layers.rms_norm(h, p["post_attention_layernorm"]["scale"], tcfg.rms_norm_eps)
         h = h + layers.gated_mlp(x, p["mlp"], dtype)
-        return h, (k, v)
-
-    # The layers only read the cache; the new keys/values of all layers go in afterwards, one
-    # write per cache, the cache's last use: XLA updates the buffer in place.
-    h, (k_new, v_new) = jax.lax.scan(body, embeds.astype(dtype), (params["text"]["layers"], cache["k"], cache["v"]))
-    ck = jax.lax.dynamic_update_slice(cache["k"], k_new, (0, 0, index, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cache["v"], v_new, (0, 0, index, 0, 0))
-    h = layers.rms_norm(h, params["text"]["norm"]["scale"], tcfg.rms_norm_eps)
-    new_cache = {"k": ck, "v": cv, "mask": new_mask, "index": index + 1}
+    h = layers.rms_norm(h[:, 0], params["text"]["norm"]["scale"], tcfg.rms_norm_eps)
+    new_cache = DecodeCache(keys=tuple(keys), values=tuple(values), valid=valid, index=index + 1)
     return qwen25vl.lm_logits(params, cfg, h), h, new_cache

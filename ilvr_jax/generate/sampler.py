@@ -1,9 +1,10 @@
 """Batched generation with ILVR's latent mode: one prefill, then one compiled decode loop.
 
 Layout: prompts are left-padded into ``[B, S]`` (S a bucket), so every row writes its next
-token at the same cache slot; ``decode_step`` gives each new token the M-RoPE id
-``(valid tokens so far) + rope_delta`` from the cache mask, so padding never shifts
-positions. The loop (``jax.lax.while_loop``) carries per row: the logits and final-norm
+token at the same cache slot; each new token takes the M-RoPE id ``(valid tokens so far) +
+rope_delta`` (counted once after the prefill, then one per step), so padding never shifts
+positions. The prefill hands the loop its cache in ``cached_step``'s decode layout (one
+buffer per layer, keys ``[B, Hkv, hd, T]``), which the loop updates in place. The loop (``jax.lax.while_loop``) carries per row: the logits and final-norm
 hidden state of the last forward, the latent state (``ilvr.latent_decoding``), the number of
 tokens generated, a done flag and the outputs. Each iteration
 
@@ -11,15 +12,15 @@ tokens generated, a done flag and the outputs. Each iteration
 2. applies the latent rules: the recorded token, and whether the input is the token's
    embedding or the previous hidden state (at ``<|latent_pad|>``),
 3. marks rows done at a stop token or at their budget (done rows record ``pad_id``),
-4. runs one cached decoder step on the chosen inputs (``cached_step``: the cache is
-   updated in place),
+4. runs one cached decoder step on the chosen inputs (``cached_step.decode_step``: the
+   cache is updated in place),
 
 and the loop ends when every row is done or after ``max_steps``. Nothing leaves the device
 inside the loop; the cache is donated to it.
 
-Compiled shapes are a small fixed set: batch, prompt length, cache length, patches per row
-and images per row are bucketed (:func:`bucket`), and sampling knobs, budgets and stop ids
-are traced arrays.
+Compiled shapes are a small fixed set: batch, prompt length, output length, patches per row
+and images per row are bucketed (:func:`bucket`), the cache holds exactly prompt + output
+slots (:func:`cache_length`), and sampling knobs, budgets and stop ids are traced arrays.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ilvr_jax.generate.cached_step import decode_step_inplace
+from ilvr_jax.generate.cached_step import (DecodeCache, decode_cache, decode_step, first_token_positions,
+                                           layer_params)
 from ilvr_jax.generate.sampling import SamplingParams, choose_tokens
 from ilvr_jax.ilvr.latent_decoding import LatentIds, initial_span_left, latent_step
 from ilvr_jax.model import qwen25vl
@@ -56,7 +58,7 @@ class DecodeConfig:
     pads ends the span early. sample: compile the sampling branch (greedy otherwise).
     pad_id: recorded after a row is done. dtype: compute dtype; cache_dtype: KV cache dtype
     (the compute dtype when None); attn_impl: the prefill's attention implementation (decode
-    steps use ``cached_step.single_query_attention``).
+    steps use ``cached_step.cached_attention``).
     """
 
     latent_ids: LatentIds
@@ -136,22 +138,29 @@ def pad_prompts(prompts: Sequence[tuple[Sequence[int], np.ndarray, np.ndarray]],
     return PromptBatch(input_ids, mask, pixel_values, grids)
 
 
+def cache_length(prompt_len: int, max_steps: int) -> int:
+    """Cache slots for a padded prompt of ``prompt_len`` and ``max_steps`` new tokens: exactly
+    their sum (both are buckets already, so this adds no compiled shape); every decode step
+    attends over all of them."""
+    return int(prompt_len) + int(max_steps)
+
+
 def prefill(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, batch: PromptBatch, cache_len: int):
     """Prompt forward into a fresh cache; returns (logits [B, V], hidden [B, D] at the last
-    prompt token, cache, rope_deltas [B])."""
+    prompt token, the cache in decode layout (``cached_step.DecodeCache``), rope_deltas [B])."""
     cache = qwen25vl.init_cache(cfg, batch.input_ids.shape[0], cache_len, dcfg.cache_dtype or dcfg.dtype)
     out = qwen25vl.forward(params, cfg, batch.input_ids, batch.attention_mask, batch.pixel_values,
                            batch.image_grid_thw, cache=cache, dtype=dcfg.dtype, attn_impl=dcfg.attn_impl,
                            return_logits=False)
     h_last = out.hidden[:, -1]  # left padding: the last column is every row's last token
-    return qwen25vl.lm_logits(params, cfg, h_last), h_last, out.cache, out.rope_deltas
+    return qwen25vl.lm_logits(params, cfg, h_last), h_last, decode_cache(out.cache), out.rope_deltas
 
 
-def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps: int, cache: dict,
+def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps: int, cache: DecodeCache,
                 logits: jax.Array, hidden: jax.Array, rope_deltas: jax.Array, last_prompt_token: jax.Array,
                 budgets: jax.Array, stop_ids: jax.Array, key: jax.Array, temperature: jax.Array,
                 top_k: jax.Array, top_p: jax.Array,
-                latent_source: tuple[jax.Array, jax.Array] | None = None) -> tuple[DecodeOutput, dict]:
+                latent_source: tuple[jax.Array, jax.Array] | None = None) -> tuple[DecodeOutput, DecodeCache]:
     """The compiled loop of the module docstring (``max_steps`` = T, the output length).
 
     budgets [B]: max new tokens per row (<= T; 0 = nothing to generate); stop_ids [N]: tokens
@@ -163,8 +172,10 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
     b = logits.shape[0]
     d = hidden.shape[-1]
     rows_done = jnp.asarray(budgets) <= 0
+    per_layer = layer_params(params)  # sliced once here, not in every iteration
     carry = dict(
-        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, hidden=hidden, key=key,
+        step=jnp.zeros((), jnp.int32), cache=cache, positions=first_token_positions(cache, rope_deltas),
+        logits=logits, hidden=hidden, key=key,
         span_left=initial_span_left(last_prompt_token, dcfg.latent_size, dcfg.latent_ids),
         done=rows_done, stopped=jnp.zeros((b,), bool), n_gen=jnp.zeros((b,), jnp.int32),
         n_spans=jnp.zeros((b,), jnp.int32), tokens=jnp.full((b, max_steps), dcfg.pad_id, jnp.int32),
@@ -191,10 +202,11 @@ def decode_loop(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, max_steps:
         embeds = jnp.where(feed[:, None], fed_in, qwen25vl.embed_tokens(params, token).astype(c["hidden"].dtype))
         fed_vec = jnp.where(feed[:, None], fed_in, 0)
         step = c["step"]
-        new_logits, new_hidden, new_cache = decode_step_inplace(params, cfg, embeds[:, None, :], c["cache"],
-                                                                rope_deltas, dtype=dcfg.dtype)
+        new_logits, new_hidden, new_cache = decode_step(params, per_layer, cfg, embeds, c["cache"], c["positions"],
+                                                        dtype=dcfg.dtype)
         return dict(
-            step=step + 1, cache=new_cache, logits=new_logits[:, 0], hidden=new_hidden[:, 0].astype(c["hidden"].dtype),
+            step=step + 1, cache=new_cache, positions=c["positions"] + 1, logits=new_logits,
+            hidden=new_hidden.astype(c["hidden"].dtype),
             key=key, span_left=jnp.where(active, rule.span_left, c["span_left"]), done=done,
             stopped=c["stopped"] | hit_stop, n_gen=n_gen,
             n_spans=c["n_spans"] + (active & rule.opened).astype(jnp.int32),
@@ -239,7 +251,7 @@ def generate_batch(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, batch: 
     """Prefill + decode loop for one padded batch; outputs stay on the device.
 
     ``max_new_tokens``: one budget for all rows or one per row; the loop's output length T
-    is the bucketed largest budget and the cache length the bucketed S + T. latent_source:
+    is the bucketed largest budget and the cache length S + T. latent_source:
     see :func:`decode_loop` (only with ``dcfg.latent_ablation == "shuffle"``).
     """
     if dcfg.sample != (not sampling.greedy):
@@ -250,7 +262,7 @@ def generate_batch(params: Params, cfg: ModelConfig, dcfg: DecodeConfig, batch: 
         raise ValueError(f"max_new_tokens must be >= 0, got {budgets.tolist()}")
     t = bucket(int(budgets.max()), 8)
     pre, loop = compiled(cfg, dcfg)
-    logits, hidden, cache, deltas = pre(params, batch=batch, cache_len=bucket(s + t))
+    logits, hidden, cache, deltas = pre(params, batch=batch, cache_len=cache_length(s, t))
     stops = np.asarray(sorted(set(int(x) for x in stop_ids)) or [-1], np.int32)
     out, _ = loop(params, max_steps=t, cache=cache, logits=logits, hidden=hidden, rope_deltas=deltas,
                 last_prompt_token=jnp.asarray(batch.input_ids[:, -1]), budgets=jnp.asarray(budgets),

@@ -4,7 +4,9 @@ The filters follow HF's logits processors in HF's order (temperature, then top-k
 top-p): top-k keeps the tokens whose logit is at least the k-th largest (ties kept),
 top-p keeps the smallest set of most probable tokens whose probability reaches ``top_p``
 (the most probable token always stays). ``temperature <= 0`` means greedy. All knobs are
-traced scalars, so changing them does not recompile.
+traced scalars, so changing them does not recompile. Work a setting does not need is skipped
+at run time: no sort of the vocabulary unless top-k or top-p is on, no draw at temperature 0
+(as HF, which adds the top-k / top-p warpers only when they are on).
 """
 
 from __future__ import annotations
@@ -57,16 +59,39 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     return jnp.where(x < cutoff, neg_inf, x)
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` as int32 (the first maximal index; the first NaN if any).
+
+    Two plain reductions (a max, then the smallest index holding it) instead of argmax's
+    (value, index) pair reduction, which XLA on CPU runs as a scalar loop: at batch 8 it cost
+    more than the vocabulary projection.
+    """
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN when the row holds one
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1).astype(jnp.int32)
+
+
 def choose_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array, *, sample: bool) -> tuple[jax.Array, jax.Array]:
     """(chosen [B] int32, argmax [B] int32) for logits [B, V].
 
     ``sample`` (static) compiles the sampling branch; without it the choice is the argmax.
-    With it, ``temperature <= 0`` still picks the argmax.
+    With it, ``temperature <= 0`` still picks the argmax (and skips the draw), and the
+    top-k / top-p filter runs only when one of them is on.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     if not sample:
         return greedy, greedy
-    sampled = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
-    chosen = jnp.where(jnp.asarray(temperature) <= 0, greedy, sampled.astype(jnp.int32))
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def draw(_):
+        scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+        filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0), lambda: filter_logits(logits, temperature, top_k, top_p),
+                                lambda: scaled)
+        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+    chosen = jax.lax.cond(temperature <= 0, lambda _: greedy, draw, None)
     return chosen, greedy
