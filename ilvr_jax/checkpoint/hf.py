@@ -22,7 +22,8 @@ Memory: ``load_hf_params`` preallocates every (stacked) leaf once and reads the 
 one tensor at a time into it, so peak host memory is the parameters in the requested dtype
 plus one tensor as stored on disk (about 1x the model; never a second full copy).
 ``save_hf`` streams in the other direction: one tensor (one layer's slice) at a time.
-Only safetensors is read; pickled ``pytorch_model.bin`` checkpoints are refused.
+Only safetensors is read; pickled ``pytorch_model.bin`` checkpoints are refused. Directories
+may be local or in cloud storage (``ilvr_jax.storage``) in both directions.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ import dataclasses
 import json
 import os
 import re
-import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from ilvr_jax import storage
 from ilvr_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
-from ilvr_jax.jsonfile import write_json
+from ilvr_jax.jsonfile import read_json, write_json
 from ilvr_jax.model.config import ModelConfig
 
 Path = tuple[str, ...]
@@ -277,18 +279,17 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
 # --------------------------------------------------------------------------- reading
 def _open_checkpoint(hf_dir: str) -> dict[str, SafetensorsFile]:
     """Tensor name -> the safetensors file holding it (single file or index + shards)."""
-    index_path = os.path.join(hf_dir, INDEX_FILE)
-    single_path = os.path.join(hf_dir, SINGLE_FILE)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index_path}: not a safetensors index (no weight_map): {e}") from e
+    index_path = storage.join(hf_dir, INDEX_FILE)
+    single_path = storage.join(hf_dir, SINGLE_FILE)
+    if storage.isfile(index_path):
+        try:
+            weight_map = json.loads(storage.read_text(index_path))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path}: not a safetensors index (no weight_map): {e}") from e
         files: dict[str, SafetensorsFile] = {}
         for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(hf_dir, shard)
-            if not os.path.isfile(shard_path):
+            shard_path = storage.join(hf_dir, shard)
+            if not storage.isfile(shard_path):
                 raise FileNotFoundError(f"{shard_path}: shard listed in {index_path} does not exist")
             files[shard] = SafetensorsFile(shard_path)
         where: dict[str, SafetensorsFile] = {}
@@ -301,10 +302,10 @@ def _open_checkpoint(hf_dir: str) -> dict[str, SafetensorsFile]:
                 if name not in where:
                     raise ValueError(f"{sf.path}: tensor {name!r} is not listed in {index_path}")
         return where
-    if os.path.isfile(single_path):
+    if storage.isfile(single_path):
         sf = SafetensorsFile(single_path)
         return {name: sf for name in sf.keys()}
-    pickled = [n for n in sorted(os.listdir(hf_dir)) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    pickled = [n for n in sorted(storage.listdir(hf_dir)) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     if pickled:
         raise ValueError(
             f"{hf_dir}: only pickled weights ({', '.join(pickled)}); safetensors is required "
@@ -337,9 +338,9 @@ def load_hf_params(hf_dir: str, dtype: Any = np.float32) -> tuple[ModelConfig, d
     tensor that is missing, unexpected or of the wrong shape for the config.
     """
     hf_dir = os.fspath(hf_dir)
-    if not os.path.isdir(hf_dir):
+    if not storage.isdir(hf_dir):
         raise FileNotFoundError(f"{hf_dir}: not a directory")
-    cfg = ModelConfig.from_hf(hf_dir)
+    cfg = read_model_config(hf_dir)
     dt = to_numpy_dtype(dtype)
     where = _open_checkpoint(hf_dir)
     layout = detect_layout(list(where), hf_dir)
@@ -433,12 +434,30 @@ def copy_tokenizer_files(src_dir: str, out_dir: str, names: tuple[str, ...] = TO
     returns the names copied."""
     copied = []
     for name in names:
-        src = os.path.join(src_dir, name)
-        dst = os.path.join(out_dir, name)
-        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
-            shutil.copyfile(src, dst)
+        src = storage.join(src_dir, name)
+        dst = storage.join(out_dir, name)
+        if storage.isfile(src) and storage.abspath(src) != storage.abspath(dst):
+            storage.copy_file(src, dst)
             copied.append(name)
     return copied
+
+
+def read_model_config(hf_dir: str) -> ModelConfig:
+    """``ModelConfig.from_hf`` of a model directory's config.json, local or in cloud storage
+    (read through ``ilvr_jax.storage``, with the same one-line errors)."""
+    if storage.is_local(hf_dir):
+        return ModelConfig.from_hf(hf_dir)
+    cfg_file = storage.join(hf_dir, "config.json")
+    if not storage.isfile(cfg_file):
+        raise FileNotFoundError(f"{cfg_file}: no config.json (not an HF model directory)")
+    try:
+        raw = read_json(cfg_file)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    if raw.get("model_type") != "qwen2_5_vl":
+        raise ValueError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'qwen2_5_vl' "
+                         "(this is not a Qwen2.5-VL checkpoint)")
+    return ModelConfig.from_hf(raw)
 
 
 def save_hf(
@@ -473,7 +492,7 @@ def save_hf(
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {sorted(LAYOUTS)}")
     check_params(params, cfg)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     tensors = hf_tensors(params, cfg, dtype, layout)
 
     shards: list[list] = [[]]
@@ -490,26 +509,31 @@ def save_hf(
     weight_map: dict[str, str] = {}
     total = 0
     for shard_name, shard in zip(names, shards):
-        total += write_safetensors(os.path.join(out_dir, shard_name), shard, {"format": "pt"})
+        total += write_safetensors(storage.join(out_dir, shard_name), shard, {"format": "pt"})
         weight_map.update({t[0]: shard_name for t in shard})
     write_json(
-        os.path.join(out_dir, INDEX_FILE),
+        storage.join(out_dir, INDEX_FILE),
         {"metadata": {"total_size": total}, "weight_map": weight_map},
     )
-    for stale in os.listdir(out_dir):
+    for stale in storage.listdir(out_dir):
         if _SHARD_RE.match(stale) and stale not in names:
-            os.remove(os.path.join(out_dir, stale))
+            storage.remove(storage.join(out_dir, stale))
 
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out_dir)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        if storage.is_local(out_dir):
+            tokenizer.save_pretrained(out_dir)
+        else:   # transformers writes local files only
+            with tempfile.TemporaryDirectory() as local:
+                tokenizer.save_pretrained(local)
+                storage.copy_tree(local, out_dir)
     from ilvr_jax.checkpoint.tokenizer_files import write_hub_tokenizer_config
 
     write_hub_tokenizer_config(out_dir)
     stored = {t[2] for t in tensors}
     hf_cfg = cfg.to_hub_dict(source_config, _dtype_name(stored.pop()) if len(stored) == 1 else None)
-    write_json(os.path.join(out_dir, "config.json"), hf_cfg)
+    write_json(storage.join(out_dir, "config.json"), hf_cfg)
     return names
 
 

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ilvr_jax import storage
 from ilvr_jax.model.config import ModelConfig
 
 PARAMS_ITEM = "params"
@@ -33,8 +34,8 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 def _abs(path: str) -> str:
-    # orbax wants absolute paths.
-    return os.path.abspath(os.fspath(path))
+    # orbax wants absolute paths (a gs:// path is one already).
+    return storage.abspath(os.fspath(path))
 
 
 def save_params(path: str, params: Any, cfg: ModelConfig | None = None, *, overwrite: bool = False) -> str:
@@ -43,7 +44,7 @@ def save_params(path: str, params: Any, cfg: ModelConfig | None = None, *, overw
     ``overwrite=False`` refuses an existing ``path`` (``FileExistsError``).
     """
     path = _abs(path)
-    if os.path.exists(path):
+    if storage.exists(path):
         if not overwrite:
             raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
     items: dict[str, Any] = {PARAMS_ITEM: ocp.args.PyTreeSave(params)}
@@ -55,7 +56,7 @@ def save_params(path: str, params: Any, cfg: ModelConfig | None = None, *, overw
 
 
 def _check_checkpoint(path: str) -> None:
-    if not os.path.isdir(os.path.join(path, PARAMS_ITEM)):
+    if not storage.isdir(storage.join(path, PARAMS_ITEM)):
         raise FileNotFoundError(f"{path}: not a parameter checkpoint (no {PARAMS_ITEM}/ directory)")
 
 
@@ -85,7 +86,7 @@ def restore_config(path: str) -> ModelConfig:
     """The ``ModelConfig`` saved with ``save_params`` at ``path``."""
     path = _abs(path)
     _check_checkpoint(path)
-    if not os.path.isdir(os.path.join(path, CONFIG_ITEM)):
+    if not storage.isdir(storage.join(path, CONFIG_ITEM)):
         raise FileNotFoundError(f"{path}: checkpoint holds no model config ({CONFIG_ITEM}/ missing)")
     with _checkpointer() as ckptr:
         restored = ckptr.restore(path, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))

@@ -9,7 +9,8 @@ Why not ``safetensors.numpy``: it cannot represent bfloat16 (the dtype of releas
 Qwen2.5-VL weights) without torch, and it loads or builds whole files at once. Here a tensor
 is read on demand into one fresh buffer (viewed as ``ml_dtypes.bfloat16`` when needed), and a
 file is written tensor by tensor from callbacks, so neither direction needs a second copy
-of the model in host memory. Nothing is ever unpickled.
+of the model in host memory. Nothing is ever unpickled. Paths may be local or in cloud
+storage (``ilvr_jax.storage``): a tensor is a ranged read of its bytes either way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from ilvr_jax import storage
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -55,10 +58,10 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
+        if not storage.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: safetensors file not found")
-        self.file_size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
+        self.file_size = storage.getsize(self.path)
+        with storage.open_file(self.path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) != 8:
                 raise ValueError(f"{self.path}: too short to be a safetensors file")
@@ -106,9 +109,15 @@ class SafetensorsFile:
         if self.data_start + end > self.file_size:
             raise ValueError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated?)")
         buf = np.empty(nbytes, np.uint8)
-        with open(self.path, "rb") as f:
+        with storage.open_file(self.path, "rb") as f:
             f.seek(self.data_start + begin)
-            if f.readinto(memoryview(buf)) != nbytes:
+            if hasattr(f, "readinto"):
+                got = f.readinto(memoryview(buf))
+            else:   # tensorflow's gfile: no readinto
+                data = f.read(nbytes)
+                got = len(data)
+                buf[:got] = np.frombuffer(data, np.uint8)
+            if got != nbytes:
                 raise ValueError(f"{self.path}: short read of tensor {name!r}")
         arr = buf.view(dtype).reshape(shape)
         if sys.byteorder != "little" and dtype.itemsize > 1:
@@ -125,7 +134,8 @@ def write_safetensors(
 
     ``produce()`` is called once per tensor while writing, so only one tensor is
     materialised at a time. The file is written under a temporary name and renamed, so a
-    crash never leaves a half-written file under the final name.
+    crash never leaves a half-written file under the final name (an object-store path is
+    written as one object, which appears only when complete).
     """
     specs = list(tensors)
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -140,8 +150,9 @@ def write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned, as the reference writer does
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    local = storage.is_local(path)
+    tmp = f"{path}.tmp{os.getpid()}" if local else path
+    with storage.open_file(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape, dtype, produce in specs:
@@ -154,5 +165,6 @@ def write_safetensors(
             if sys.byteorder != "little" and arr.dtype.itemsize > 1:
                 arr = arr.byteswap()
             f.write(arr.view(np.uint8).reshape(-1).data)
-    os.replace(tmp, path)
+    if local:
+        os.replace(tmp, path)
     return offset

@@ -13,9 +13,9 @@ fast tokenizer, with every added token) is read alike by all versions and is not
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from ilvr_jax import storage
 from ilvr_jax.jsonfile import read_json, write_json
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -32,12 +32,11 @@ def chat_template(tok_dir: str, config: dict[str, Any] | None = None) -> str | N
     ``chat_template.json``, in that order."""
     if config and isinstance(config.get("chat_template"), str):
         return config["chat_template"]
-    jinja = os.path.join(tok_dir, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
-    js = os.path.join(tok_dir, "chat_template.json")
-    if os.path.isfile(js):
+    jinja = storage.join(tok_dir, "chat_template.jinja")
+    if storage.isfile(jinja):
+        return storage.read_text(jinja)
+    js = storage.join(tok_dir, "chat_template.json")
+    if storage.isfile(js):
         return read_json(js).get("chat_template")
     return None
 
@@ -45,9 +44,9 @@ def chat_template(tok_dir: str, config: dict[str, Any] | None = None) -> str | N
 def write_hub_tokenizer_config(tok_dir: str) -> None:
     """Rewrites ``tok_dir/tokenizer_config.json`` (and ``chat_template.json``) in the hub's
     layout; see the module docstring. A directory without ``tokenizer.json`` is left alone."""
-    cfg_path = os.path.join(tok_dir, TOKENIZER_CONFIG)
-    tok_json = os.path.join(tok_dir, "tokenizer.json")
-    if not (os.path.isfile(cfg_path) and os.path.isfile(tok_json)):
+    cfg_path = storage.join(tok_dir, TOKENIZER_CONFIG)
+    tok_json = storage.join(tok_dir, "tokenizer.json")
+    if not (storage.isfile(cfg_path) and storage.isfile(tok_json)):
         return
     cfg = read_json(cfg_path)
     extra = cfg.get("extra_special_tokens")
@@ -68,5 +67,5 @@ def write_hub_tokenizer_config(tok_dir: str) -> None:
     template = chat_template(tok_dir, cfg)
     if template:
         out["chat_template"] = template
-        _write_hub(os.path.join(tok_dir, "chat_template.json"), {"chat_template": template})
+        _write_hub(storage.join(tok_dir, "chat_template.json"), {"chat_template": template})
     _write_hub(cfg_path, out)

@@ -57,6 +57,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from ilvr_jax import storage
 from ilvr_jax.data import buckets as bucket_lib
 from ilvr_jax.data import checks
 from ilvr_jax.data import processor as proc
@@ -105,11 +106,12 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def load_tokenizer(tokenizer_or_dir):
-    """A tokenizer object, or one loaded from a directory with ``AutoTokenizer``."""
+    """A tokenizer object, or one loaded from a directory with ``AutoTokenizer`` (a cloud
+    directory through a local copy of its files: transformers reads local files only)."""
     if isinstance(tokenizer_or_dir, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(os.fspath(tokenizer_or_dir))
+        return AutoTokenizer.from_pretrained(storage.local_copy(os.fspath(tokenizer_or_dir)))
     return tokenizer_or_dir
 
 
@@ -593,10 +595,8 @@ def make_iterator(
 
 def save_state(path: str | os.PathLike, it: BatchIterator) -> None:
     """Writes the iterator state as JSON."""
-    with open(os.fspath(path), "w", encoding="utf-8") as f:
-        json.dump(it.get_state(), f)
+    storage.write_text(os.fspath(path), json.dumps(it.get_state()))
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
-    with open(os.fspath(path), encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(os.fspath(path)))

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ilvr_jax import storage
 from ilvr_jax.data.records import IMAGE_PLACEHOLDER
 
 # OpenAI CLIP normalisation (HF's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
@@ -81,10 +82,9 @@ class ImageProcessorConfig:
             d, where = dir_or_dict, "image processor config"
         else:
             where = os.fspath(dir_or_dict)
-            if os.path.isdir(where):
-                where = os.path.join(where, "preprocessor_config.json")
-            with open(where, encoding="utf-8") as f:
-                d = json.load(f)
+            if storage.isdir(where):
+                where = storage.join(where, "preprocessor_config.json")
+            d = json.loads(storage.read_text(where))
         size = dict(HF_DEFAULT_SIZE) if d.get("size") is None else dict(d["size"])
         if d.get("min_pixels") is not None:
             size["shortest_edge"] = d["min_pixels"]
@@ -156,7 +156,7 @@ def image_size(path: str) -> tuple[int, int]:
     orientation), from the header: no pixels are decoded."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(storage.path_or_file(path)) as im:
         w, h = im.size
         orientation = _header_orientation(im)
     return (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
@@ -217,7 +217,7 @@ def load_image(path: str):
     it to RGB (fully decoded, file closed)."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    with Image.open(storage.path_or_file(path)) as im:
         im.load()
         return to_rgb(ImageOps.exif_transpose(im))
 

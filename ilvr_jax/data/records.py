@@ -38,6 +38,8 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
+from ilvr_jax import storage
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("text_input", "image_input", "sequence_plan", "original_final_answer")
@@ -115,10 +117,11 @@ def make_record(
 
 
 def resolve_image_path(path: str, root: str | os.PathLike | None) -> str:
-    """Absolute paths stay; relative ones are joined to ``root`` (the current directory if None)."""
-    if os.path.isabs(path) or root is None:
+    """Absolute paths (and URIs such as ``gs://...``) stay; relative ones are joined to ``root``
+    (the current directory if None)."""
+    if storage.isabs(path) or root is None:
         return path
-    return os.path.join(os.fspath(root), path)
+    return storage.join(os.fspath(root), path)
 
 
 def helper_images(rec: Mapping[str, Any]) -> list[str]:
@@ -135,10 +138,10 @@ def _check_image(path: str, root, where: str, what: str, verify: bool) -> None:
     from PIL import Image, UnidentifiedImageError
 
     full = resolve_image_path(path, root)
-    if not os.path.isfile(full):
+    if not storage.isfile(full):
         raise RecordError(where, MISSING_IMAGE, f"{what} {path!r} not found (resolved to {full!r})")
     try:
-        with Image.open(full) as im:
+        with Image.open(storage.path_or_file(full)) as im:
             # Opening parses the header only; load() decodes the data as building a batch does
             # (PIL's verify() would not decode a JPEG, so a truncated one would pass).
             w, h = im.size
@@ -256,9 +259,9 @@ def read_jsonl(
     drop policy decides (``validate_located`` re-raises them).
     """
     path = os.fspath(path)
-    root = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
-    source = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
+    root = os.fspath(root) if root is not None else storage.dirname(storage.abspath(path))
+    source = storage.basename(path)
+    with storage.open_file(path, "r") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -283,7 +286,7 @@ def validate_located(loc: LocatedRecord, *, check_images: bool = True, verify_im
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
     """Writes records one JSON object per line (UTF-8, non-ASCII kept); returns the count."""
     n = 0
-    with open(os.fspath(path), "w", encoding="utf-8") as f:
+    with storage.open_file(os.fspath(path), "w") as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False))
             f.write("\n")

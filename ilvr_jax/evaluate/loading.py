@@ -11,15 +11,16 @@ A model is
 * an HF Qwen2.5-VL directory (``config.json``, safetensors, tokenizer and
   ``preprocessor_config.json``), e.g. an export of ``python -m ilvr_jax.convert to-hf``.
 
-Weights are read from orbax checkpoints or safetensors only; nothing is unpickled.
+Weights are read from orbax checkpoints or safetensors only; nothing is unpickled. Paths may
+be local or in cloud storage (``ilvr_jax.storage``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
+from ilvr_jax import storage
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data.records import LocatedRecord, read_jsonl
 from ilvr_jax.model.config import ModelConfig
@@ -48,7 +49,7 @@ def load_tokenizer(tok_dir: str):
     from ilvr_jax.checkpoint import tokenizer_files
 
     try:
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok = AutoTokenizer.from_pretrained(storage.local_copy(tok_dir))
     except Exception as e:  # noqa: BLE001 (transformers raises many kinds; report one line)
         msg = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"{tok_dir}: the tokenizer cannot be loaded ({type(e).__name__}: {msg})") from None
@@ -62,8 +63,8 @@ def load_tokenizer(tok_dir: str):
 def image_config(tok_dir: str) -> proc.ImageProcessorConfig:
     """The image settings of ``tok_dir/preprocessor_config.json`` (required: evaluating at
     other pixel budgets than training silently changes the inputs)."""
-    path = os.path.join(tok_dir, PREPROCESSOR_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(tok_dir, PREPROCESSOR_FILE)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: missing (the image processor settings the model was trained with)")
     return proc.ImageProcessorConfig.from_hf(path)
 
@@ -72,7 +73,7 @@ def load_model(model: str, *, step: int | None = None, teacher: bool = False) ->
     """A training run / checkpoint step / HF directory -> :class:`LoadedModel` (see module doc)."""
     from ilvr_jax import convert
 
-    if not os.path.exists(model):
+    if not storage.exists(model):
         raise FileNotFoundError(f"{model}: does not exist")
     if convert.is_training_checkpoint(model):
         path = model
@@ -80,8 +81,8 @@ def load_model(model: str, *, step: int | None = None, teacher: bool = False) ->
             # The checkpoint layout belongs to training; it is read lazily, for this path only.
             from ilvr_jax.train import checkpoints as ckpt_lib
 
-            path = os.path.join(ckpt_lib.checkpoint_dir(ckpt_lib.run_root(model)), str(int(step)))
-            if not os.path.isdir(path):
+            path = storage.join(ckpt_lib.checkpoint_dir(ckpt_lib.run_root(model)), str(int(step)))
+            if not storage.isdir(path):
                 raise FileNotFoundError(f"{path}: no checkpoint for --step {step}")
         cfg, params, tok_dir = convert.load_training_params(path, "teacher" if teacher else "student")
         if tok_dir is None:
@@ -91,13 +92,13 @@ def load_model(model: str, *, step: int | None = None, teacher: bool = False) ->
             raise ValueError(f"{model}: --teacher needs a training checkpoint (an HF directory holds one model)")
         if step is not None:
             raise ValueError(f"{model}: --step needs a training workdir")
-        if not os.path.isfile(os.path.join(model, "config.json")):
+        if not storage.isfile(storage.join(model, "config.json")):
             raise FileNotFoundError(f"{model}: neither a training workdir nor an HF directory (no config.json)")
         from ilvr_jax.checkpoint.hf import load_hf_params
 
         cfg, params = load_hf_params(model)
         tok_dir = model
-    return LoadedModel(params, cfg, load_tokenizer(tok_dir), image_config(tok_dir), os.path.abspath(model), tok_dir)
+    return LoadedModel(params, cfg, load_tokenizer(tok_dir), image_config(tok_dir), storage.abspath(model), tok_dir)
 
 
 def load_records(data: str, adapter: str, *, work_dir: str | None = None) -> list[LocatedRecord | dict]:
@@ -106,14 +107,14 @@ def load_records(data: str, adapter: str, *, work_dir: str | None = None) -> lis
     paths (``zebra`` writes its images under ``work_dir/zebra_images``)."""
     from ilvr_jax.data.adapters import get_adapter
 
-    if not os.path.exists(data):
+    if not storage.exists(data):
         raise FileNotFoundError(f"{data}: does not exist")
-    if adapter == "canonical" and os.path.isfile(data):
+    if adapter == "canonical" and storage.isfile(data):
         return list(read_jsonl(data))
     ad = get_adapter(adapter)
     kw: dict[str, Any] = {}
     if adapter == "zebra":
         if work_dir is None:
             raise ValueError("the zebra adapter needs a directory for the images it extracts")
-        kw["out_dir"] = os.path.join(work_dir, "zebra_images")
+        kw["out_dir"] = storage.join(work_dir, "zebra_images")
     return list(ad.iter_records(data, **kw))

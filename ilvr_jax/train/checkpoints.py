@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+from ilvr_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return storage.join(storage.abspath(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, *, save_every: int = 1, keep: int = 3, async_save: bool = True,
@@ -117,15 +118,15 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     inspection), so the resumed run can write those steps again."""
     if jax.process_index() == 0:
         root = os.fspath(manager.directory)
-        dest = os.path.join(os.path.dirname(root), CORRUPT_DIR)
-        os.makedirs(dest, exist_ok=True)
+        dest = storage.join(storage.dirname(root), CORRUPT_DIR)
+        storage.makedirs(dest)
         for step in steps:
-            src = os.path.join(root, str(step))
-            target = os.path.join(dest, str(step))
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            if os.path.isdir(src):
-                os.replace(src, target)
+            src = storage.join(root, str(step))
+            target = storage.join(dest, str(step))
+            if storage.exists(target):
+                storage.rmtree(target)
+            if storage.isdir(src):
+                storage.replace(src, target)
                 logger.warning("moved the unreadable checkpoint %s to %s", src, target)
     manager.reload()
 
@@ -150,8 +151,8 @@ def restore_state_item(path: str, abstract_tree: Any | None = None, *, only: tup
     first local device in their saved layout. ``only`` (e.g. ``("params", "teacher")``) reads
     just those top-level entries of the state, so an export never loads the optimizer moments
     (two more copies of the model)."""
-    item = os.path.join(path, STATE)
-    if not os.path.isdir(item):
+    item = storage.join(path, STATE)
+    if not storage.isdir(item):
         raise FileNotFoundError(f"{path}: not a training checkpoint step (no '{STATE}' item)")
     with _quiet_absl(), ocp.StandardCheckpointer() as ckptr:
         if abstract_tree is None:
@@ -173,8 +174,8 @@ def restore_state_item(path: str, abstract_tree: Any | None = None, *, only: tup
 
 def restore_json_item(step_dir: str, name: str = CONFIG) -> Any:
     """The JSON item ``name`` (``config`` or ``data``) of one checkpoint step directory."""
-    item = os.path.join(step_dir, name)
-    if not os.path.isdir(item):
+    item = storage.join(step_dir, name)
+    if not storage.isdir(item):
         raise FileNotFoundError(f"{step_dir}: checkpoint holds no '{name}' item")
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
         return ckptr.restore(item, args=ocp.args.JsonRestore())
@@ -182,33 +183,33 @@ def restore_json_item(step_dir: str, name: str = CONFIG) -> Any:
 
 def finished_steps(root: str) -> list[int]:
     """Steps of ``root`` (a checkpoints directory) whose save completed, ascending."""
-    if not os.path.isdir(root):
+    if not storage.isdir(root):
         return []
-    return sorted(int(d) for d in os.listdir(root)
-                  if d.isdigit() and os.path.isdir(os.path.join(root, d, STATE)))
+    return sorted(int(d) for d in storage.listdir(root)
+                  if d.isdigit() and storage.isdir(storage.join(root, d, STATE)))
 
 
 def resolve_step_dir(path: str) -> str:
     """``WORKDIR`` (latest step), ``WORKDIR/checkpoints`` (latest) or ``.../checkpoints/STEP``."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = storage.abspath(path)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: does not exist")
-    if os.path.isdir(os.path.join(path, STATE)):
+    if storage.isdir(storage.join(path, STATE)):
         return path
-    root = path if os.path.basename(path) == "checkpoints" else checkpoint_dir(path)
-    if not os.path.isdir(root):
+    root = path if storage.basename(path) == "checkpoints" else checkpoint_dir(path)
+    if not storage.isdir(root):
         raise FileNotFoundError(f"{path}: no training checkpoints found (expected {root})")
     steps = finished_steps(root)
     if not steps:
         raise FileNotFoundError(f"{root}: holds no finished checkpoint step")
-    return os.path.join(root, str(steps[-1]))
+    return storage.join(root, str(steps[-1]))
 
 
 def run_root(path: str) -> str:
     """The workdir of a workdir / checkpoints dir / step dir path."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, STATE)):
-        path = os.path.dirname(path)
-    if os.path.basename(path) == "checkpoints":
-        path = os.path.dirname(path)
+    path = storage.abspath(path)
+    if storage.isdir(storage.join(path, STATE)):
+        path = storage.dirname(path)
+    if storage.basename(path) == "checkpoints":
+        path = storage.dirname(path)
     return path

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ilvr_jax import ilvr
+from ilvr_jax import ilvr, storage
 from ilvr_jax.checkpoint.latent_tokens import RESIZE_MODES
 from ilvr_jax.model import qwen25vl
 from ilvr_jax.model.config import ModelConfig
@@ -101,31 +102,40 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None) ->
     need(len(windows) == 2 and all(int(w) >= 0 for w in windows),
          f"train.stage2_chunk_len must be (first, rest) window widths >= 0 (0 = sequence length), got {windows}")
     need(len(tuple(c.mesh.shape)) == 3, f"mesh.shape must be (data, fsdp, tensor), got {tuple(c.mesh.shape)}")
-    # Paths.
-    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
+    # Paths (local or cloud storage; a bucket path needs its storage package installed).
+    def usable(key: str, path: str) -> bool:
+        try:
+            storage.check_backend(path)
+            return True
+        except storage.StorageError as e:
+            errs.append(f"{key}: {e}")
+            return False
+
+    if workdir is not None and usable("--workdir", workdir) and storage.exists(workdir) \
+            and not storage.isdir(workdir):
         errs.append(f"--workdir {workdir} exists and is not a directory")
     if c.stage == 2:
         need(bool(c.train.init_from), "stage 2 needs train.init_from: the stage-1 workdir (or one of its "
                                       "checkpoint step directories)")
-        if c.train.init_from:
+        if c.train.init_from and usable("train.init_from", c.train.init_from):
             try:
                 ckpt_lib.resolve_step_dir(c.train.init_from)
             except FileNotFoundError as e:
                 errs.append(f"train.init_from: {e}")
-            if not os.path.isfile(os.path.join(ckpt_lib.run_root(c.train.init_from), MODEL_CONFIG_FILE)):
+            if not storage.isfile(storage.join(ckpt_lib.run_root(c.train.init_from), MODEL_CONFIG_FILE)):
                 errs.append(f"train.init_from: {c.train.init_from} holds no {MODEL_CONFIG_FILE} "
                             "(not a stage-1 workdir)")
     elif c.model.init == "hf":
         if not c.model.hf_dir:
-            errs.append("model.hf_dir is required (a local Qwen2.5-VL directory) with model.init='hf'")
-        elif not os.path.isfile(os.path.join(c.model.hf_dir, "config.json")):
+            errs.append("model.hf_dir is required (a Qwen2.5-VL directory, local or gs://) with model.init='hf'")
+        elif usable("model.hf_dir", c.model.hf_dir) and not storage.isfile(storage.join(c.model.hf_dir, "config.json")):
             errs.append(f"model.hf_dir: {c.model.hf_dir} has no config.json")
     if c.data.adapter != "maze" or c.data.train_path:
         if not c.data.train_path:
             errs.append(f"data.train_path is required for adapter {c.data.adapter!r}")
-        elif not os.path.exists(c.data.train_path):
+        elif usable("data.train_path", c.data.train_path) and not storage.exists(c.data.train_path):
             errs.append(f"data.train_path: {c.data.train_path} does not exist")
-    if c.data.image_root and not os.path.isdir(c.data.image_root):
+    if c.data.image_root and usable("data.image_root", c.data.image_root) and not storage.isdir(c.data.image_root):
         errs.append(f"data.image_root: {c.data.image_root} is not a directory")
     errs += evaluation.config_errors(c)
     if errs:
@@ -163,22 +173,28 @@ def check_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, str | None]:
     """(canonical JSONL path, image root or None). Non-canonical sources are converted
     once into the workdir; the maze adapter without a path generates a data set there."""
-    data_dir = os.path.join(workdir, "data")
+    data_dir = storage.join(workdir, "data")
     root = c.data.image_root or None
     if c.data.adapter == "canonical":
         return c.data.train_path, root
-    out = os.path.join(data_dir, "train.jsonl")
-    if os.path.isfile(out):   # the barrier of _wait_for still runs: process 0 may have just written it
+    out = storage.join(data_dir, "train.jsonl")
+    if storage.isfile(out):   # the barrier of _wait_for still runs: process 0 may have just written it
         _wait_for(out)
         return out, None
-    os.makedirs(data_dir, exist_ok=True)
+    storage.makedirs(data_dir)
     if c.data.adapter == "maze" and not c.data.train_path:
         from ilvr_jax.data import maze
 
         if jax.process_index() == 0:
-            maze.generate_maze_dataset(data_dir, n=int(c.data.generate_records), seed=int(c.seed),
+            # The generator writes local files; a bucket workdir gets a copy (images keep their
+            # paths relative to the JSONL).
+            local = data_dir if storage.is_local(data_dir) else tempfile.mkdtemp(prefix="ilvr_maze_")
+            maze.generate_maze_dataset(local, n=int(c.data.generate_records), seed=int(c.seed),
                                        sizes=tuple(c.data.maze_sizes), filename="train.jsonl.tmp")
-            os.replace(os.path.join(data_dir, "train.jsonl.tmp"), out)
+            if local != data_dir:
+                storage.copy_tree(local, data_dir)
+                shutil.rmtree(local)
+            storage.replace(storage.join(data_dir, "train.jsonl.tmp"), out)
         _wait_for(out)
         return out, None
     from ilvr_jax.data.adapters import convert_to_jsonl
@@ -194,7 +210,7 @@ def _wait_for(path: str, timeout: float = 120.0) -> None:
     file must appear on every host; a network filesystem may show it a little later."""
     distributed.barrier("ilvr data")
     t0 = time.time()
-    while not os.path.exists(path):
+    while not storage.exists(path):
         if time.time() - t0 > timeout:
             raise ConfigError(f"{path}: written by process 0 but not visible to process {jax.process_index()} "
                               f"after {timeout:.0f}s; the workdir must be on a filesystem shared by all hosts")
@@ -319,12 +335,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
             raise ConfigError(f"mesh.distributed=True, but {e}; on a single host set "
                               "--config.mesh.distributed=False") from None
     mesh = check_mesh(c)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.abspath(workdir)
+    storage.makedirs(workdir)
     if jax.process_index() == 0:
         if print_config:
             print("resolved config:\n" + str(c), flush=True)
-        _write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2, sort_keys=True))
+        storage.write_text(storage.join(workdir, "config.json"), c.to_json_best_effort(indent=2, sort_keys=True))
 
     try:
         model_cfg, params, tok_dir = run_model.prepare_model(c, workdir)
@@ -496,7 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
         if jax.process_index() == 0:
             from ilvr_jax.checkpoint.hf import export_params_to_hf
 
-            out = os.path.join(workdir, "export_hf")
+            out = storage.join(workdir, "export_hf")
             source = run_model.source_config(workdir)
             export_params_to_hf(host_params, model_cfg, out, tok_dir,
                                 dtype=run_model.source_dtype(source), source_config=source)
@@ -506,8 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
     logger.info("done at step %d: checkpoints in %s, TensorBoard logs in %s", step, manager.directory,
                 writer.path)
     if not last:   # nothing ran in this start: the last metrics logged before it
-        path = os.path.join(workdir, metrics_lib.METRICS_FILE)
-        logged = metrics_lib.read_jsonl(path) if os.path.isfile(path) else []
+        path = storage.join(workdir, metrics_lib.METRICS_FILE)
+        logged = metrics_lib.read_jsonl(path) if storage.isfile(path) else []
         last = {k: v for k, v in (logged[-1] if logged else {}).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
     return last
@@ -538,7 +554,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def _data_state_mismatch(manager, step: int, c: ml_collections.ConfigDict) -> str:
     """Why the checkpoint's data position does not fit this run: the data keys (and the others
     the batches depend on) that differ from the config saved with the checkpoint."""
-    saved = ckpt_lib.restore_json_item(os.path.join(str(manager.directory), str(step)), ckpt_lib.CONFIG)
+    saved = ckpt_lib.restore_json_item(storage.join(str(manager.directory), str(step)), ckpt_lib.CONFIG)
     old, new = _flatten(saved), _flatten(json.loads(c.to_json_best_effort()))
     relevant = [k for k in sorted(set(old) | set(new)) if k.startswith("data.") or k in (
         "seed", "ilvr.latent_size", "train.num_epochs", "optim.grad_accum_steps")]
@@ -551,13 +567,6 @@ def _data_state_mismatch(manager, step: int, c: ml_collections.ConfigDict) -> st
                 "values, or start a new --workdir")
     return (f"{where} was written for other data: the records or their images changed, or the process count "
             "did; resume with the same data, or start a new --workdir")
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _restore_params(step_dir: str, abstract_params: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import sys
 import time
 import zlib
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ilvr_jax import storage
 from ilvr_jax.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -135,7 +137,8 @@ def batch_fingerprint(batch: dict[str, np.ndarray]) -> str:
 
 
 class MetricWriter:
-    """TensorBoard scalars (``workdir/tensorboard``) + a JSONL log (``workdir/metrics.jsonl``).
+    """TensorBoard scalars (``workdir/tensorboard``) + a JSONL log (``workdir/metrics.jsonl``),
+    local or in cloud storage (``storage.AppendFile``).
 
     ``resume_step``: the step the run restarts from. Lines of later steps (written by the
     interrupted run after its last checkpoint) are dropped from the JSONL, and TensorBoard
@@ -144,14 +147,14 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "tensorboard")
-        self.jsonl_path = os.path.join(workdir, METRICS_FILE)
+        self.path = storage.join(workdir, "tensorboard")
+        self.jsonl_path = storage.join(workdir, METRICS_FILE)
         self._tb = None
         self._jsonl = None
         if enabled:
             truncate_jsonl(self.jsonl_path, resume_step)
             self._tb = TensorBoardWriter(self.path, purge_step=resume_step + 1 if resume_step else None)
-            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+            self._jsonl = storage.AppendFile(self.jsonl_path)
 
     def write(self, step: int, scalars: dict[str, float | None], extra: dict[str, Any] | None = None) -> None:
         """``scalars`` go to TensorBoard and the JSONL (None values are skipped);
@@ -171,34 +174,40 @@ class MetricWriter:
 
 
 class TensorBoardWriter:
-    """A synchronous TensorBoard event file writer (``events.out.tfevents.*``).
+    """A synchronous TensorBoard event file writer (``events.out.tfevents.*``), local or in
+    cloud storage.
 
     Each ``write`` is on disk when it returns (tensorboardX's ``SummaryWriter`` queues events
     to a thread whose ``flush`` does not drain the queue, so a ``kill -9`` loses the last
     steps). ``purge_step``: TensorBoard hides the events of earlier files at steps
-    >= purge_step (a restart from a checkpoint)."""
+    >= purge_step (a restart from a checkpoint). Records are framed as TFRecords (length,
+    masked CRC32C of the length, payload, masked CRC32C of the payload)."""
 
     def __init__(self, logdir: str, purge_step: int | None = None):
         import socket
 
         from tensorboardX.proto import event_pb2
-        from tensorboardX.record_writer import RecordWriter
 
         self._event_pb2 = event_pb2
-        os.makedirs(logdir, exist_ok=True)
+        storage.makedirs(logdir)
         # pid + ns in the name: the standard name carries only the second, and a quick
         # restart would otherwise reopen (and truncate) the previous run's file.
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{time.time_ns()}"
-        self.path = os.path.join(logdir, name)
-        self._writer = RecordWriter(self.path)
+        self.path = storage.join(logdir, name)
+        self._writer = storage.AppendFile(self.path, binary=True)
         self._write(event_pb2.Event(wall_time=time.time(), step=purge_step or 0, file_version="brain.Event:2"))
         if purge_step is not None:
             self._write(event_pb2.Event(wall_time=time.time(), step=purge_step,
                                         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def _write(self, event) -> None:
-        self._writer.write(event.SerializeToString())
-        self._writer.flush()
+        from tensorboardX.record_writer import masked_crc32c
+
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._writer.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                           + struct.pack("<I", masked_crc32c(data)))
+        self._writer.flush(fsync=True)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         from tensorboardX.proto import summary_pb2
@@ -214,26 +223,21 @@ class TensorBoardWriter:
 def truncate_jsonl(path: str, keep_through_step: int) -> None:
     """Rewrites ``path`` keeping the lines with ``step <= keep_through_step`` (and dropping
     a torn last line of a killed run)."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return
     kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if int(rec.get("step", 0)) <= keep_through_step:
-                kept.append(json.dumps(rec) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    for line in storage.read_text(path).splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(rec.get("step", 0)) <= keep_through_step:
+            kept.append(json.dumps(rec) + "\n")
+    storage.write_text(path, "".join(kept))
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 CONSOLE_ORDER = ("loss", "ce", "sim", "kstar", "grad_norm", "lr", "tokens_per_s", "mfu", "step_time_s")
@@ -318,16 +322,12 @@ def read_tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
     later file's values win), honouring TensorBoard's purge of steps at and after a
     restart's ``purge_step`` (a ``file_version`` event carrying ``SessionLog.START``).
     Reads the TFRecord framing directly (length, crc, payload, crc)."""
-    import glob
-    import struct
-
     from tensorboardX.proto import event_pb2
 
     out: dict[str, dict[int, float]] = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")),
-                       key=lambda p: (os.path.getmtime(p), p)):   # oldest run first
-        with open(path, "rb") as f:
-            data = f.read()
+    for path in sorted(storage.glob(logdir, "events.out.tfevents.*"),
+                       key=lambda p: (storage.getmtime(p), p)):   # oldest run first
+        data = storage.read_bytes(path)
         pos = 0
         while pos + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[pos:pos + 8])

@@ -10,21 +10,23 @@ evaluation read back, so they all see exactly what training used::
 
 A stock download has no latent tokens: they are added once here (``add_latent_tokens``),
 whatever the source holds (a directory that already carries them, e.g. an earlier export,
-keeps its ids), and the embedding table is resized to match.
+keeps its ids), and the embedding table is resized to match. The workdir and the source
+directory may be in cloud storage (``ilvr_jax.storage``); transformers reads and writes local
+files, so tokenizers pass through local copies.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
+import tempfile
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
+from ilvr_jax import storage
 from ilvr_jax.checkpoint import tokenizer_files
 from ilvr_jax.data import processor as proc
 from ilvr_jax.jsonfile import read_json, write_json
@@ -50,8 +52,8 @@ class ModelSetupError(ValueError):
 
 def source_config(root: str) -> dict[str, Any] | None:
     """The source model's config.json kept in a run's workdir (None for a tiny model)."""
-    path = os.path.join(root, SOURCE_CONFIG_FILE)
-    return read_json(path) if os.path.isfile(path) else None
+    path = storage.join(root, SOURCE_CONFIG_FILE)
+    return read_json(path) if storage.isfile(path) else None
 
 
 def source_dtype(source: dict[str, Any] | None) -> str | None:
@@ -68,7 +70,7 @@ def load_source_tokenizer(src_dir: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(src_dir)
+        tok = AutoTokenizer.from_pretrained(storage.local_copy(src_dir))
     except Exception as e:  # noqa: BLE001 (transformers raises many kinds; report one line)
         raise ModelSetupError(f"{src_dir}: the tokenizer files cannot be loaded ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -87,27 +89,28 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
     writes the files of the module docstring; stage 2 copies them from ``train.init_from``."""
     from ilvr_jax.train import checkpoints as ckpt_lib
 
-    tok_dir = os.path.join(workdir, TOKENIZER_DIR)
-    cfg_path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    tok_dir = storage.join(workdir, TOKENIZER_DIR)
+    cfg_path = storage.join(workdir, MODEL_CONFIG_FILE)
     K = int(c.ilvr.latent_size)
     if c.stage == 2:
         src = ckpt_lib.run_root(c.train.init_from)
-        cfg = ModelConfig.from_hf(os.path.join(src, MODEL_CONFIG_FILE))
+        src_cfg = storage.join(src, MODEL_CONFIG_FILE)
+        cfg = ModelConfig.from_hf(src_cfg if storage.is_local(src_cfg) else read_json(src_cfg))
         if cfg.latent_size not in (None, K):
             logger.warning("stage 1 used latent_size %s, this run uses %d", cfg.latent_size, K)
         cfg = cfg.replace(latent_size=K)
-        if os.path.abspath(src) != os.path.abspath(workdir):
-            if not os.path.isdir(os.path.join(src, TOKENIZER_DIR)):
-                raise ModelSetupError(f"{os.path.join(src, TOKENIZER_DIR)}: missing (expected the stage-1 "
+        if storage.abspath(src) != storage.abspath(workdir):
+            if not storage.isdir(storage.join(src, TOKENIZER_DIR)):
+                raise ModelSetupError(f"{storage.join(src, TOKENIZER_DIR)}: missing (expected the stage-1 "
                                       "run's tokenizer)")
-            shutil.copytree(os.path.join(src, TOKENIZER_DIR), tok_dir, dirs_exist_ok=True)
-            if os.path.isfile(os.path.join(src, SOURCE_CONFIG_FILE)):
-                shutil.copyfile(os.path.join(src, SOURCE_CONFIG_FILE), os.path.join(workdir, SOURCE_CONFIG_FILE))
+            storage.copy_tree(storage.join(src, TOKENIZER_DIR), tok_dir)
+            if storage.isfile(storage.join(src, SOURCE_CONFIG_FILE)):
+                storage.copy_file(storage.join(src, SOURCE_CONFIG_FILE), storage.join(workdir, SOURCE_CONFIG_FILE))
         write_json(cfg_path, cfg.to_hf_dict())
         return cfg, None, tok_dir
     from ilvr_jax.checkpoint.latent_tokens import add_latent_tokens
 
-    os.makedirs(tok_dir, exist_ok=True)
+    storage.makedirs(tok_dir)
     if c.model.init == "tiny":
         from ilvr_jax import tiny
 
@@ -121,11 +124,16 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
         tok = load_source_tokenizer(c.model.hf_dir)
         cfg, params = load_hf_params(c.model.hf_dir)
         copy_tokenizer_files(c.model.hf_dir, tok_dir, PROCESSOR_FILES)
-        shutil.copyfile(os.path.join(c.model.hf_dir, "config.json"), os.path.join(workdir, SOURCE_CONFIG_FILE))
+        storage.copy_file(storage.join(c.model.hf_dir, "config.json"), storage.join(workdir, SOURCE_CONFIG_FILE))
     had = [t for t in LATENT_TOKENS if t in tok.get_vocab()]
     tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K, resize=c.model.vocab_resize)
     # The tokenizer's own files are written after the processor files, so they carry the latent tokens.
-    tok.save_pretrained(tok_dir)
+    if storage.is_local(tok_dir):
+        tok.save_pretrained(tok_dir)
+    else:
+        with tempfile.TemporaryDirectory() as local:
+            tok.save_pretrained(local)
+            storage.copy_tree(local, tok_dir)
     tokenizer_files.write_hub_tokenizer_config(tok_dir)
     ids = {t: tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS}
     logger.info("latent tokens %s (%s), vocabulary %d rows", ids,
@@ -153,8 +161,8 @@ def image_config(c: ml_collections.ConfigDict, tok_dir: str) -> proc.ImageProces
     ``preprocessor_config.json`` (Qwen2.5-VL's defaults without one) resolved by
     :func:`resolve_image_config`. Written back into the run's tokenizer dir, so the export's
     processor resizes images as training did."""
-    path = os.path.join(tok_dir, PREPROCESSOR_FILE)
-    source = read_json(path) if os.path.isfile(path) else {}
+    path = storage.join(tok_dir, PREPROCESSOR_FILE)
+    source = read_json(path) if storage.isfile(path) else {}
     cfg = resolve_image_config(c, source, path)
     if jax.process_index() == 0:
         write_json(path, preprocessor_dict(cfg, source))

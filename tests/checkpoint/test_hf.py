@@ -388,3 +388,42 @@ def _leaves(tree):
             yield from _leaves(v)
         else:
             yield v
+
+
+# --------------------------------------------------------------------------- cloud storage
+def test_export_to_and_load_from_a_bucket(tiny_dir, tmp_path):
+    """save_hf into gs:// (in memory, through etils.epath) writes the bytes a local export
+    writes, the safetensors library reads them back, and load_hf_params and the tokenizer load
+    from the bucket as from a local directory."""
+    import importlib.util
+
+    from safetensors.numpy import load as load_bytes
+
+    from ilvr_jax import storage
+    from ilvr_jax.train.run_model import load_source_tokenizer
+
+    spec = importlib.util.spec_from_file_location("_fb", os.path.join(os.path.dirname(__file__), "..",
+                                                                      "fake_bucket.py"))
+    fake_bucket = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_bucket)
+    cfg, params = load_hf_params(tiny_dir)
+    local = str(tmp_path / "local")
+    names = save_hf(params, cfg, local, tokenizer_dir=tiny_dir, max_shard_bytes=200_000)
+    assert len(names) > 1
+    with fake_bucket.load().install():
+        remote = "gs://models/tiny"
+        assert save_hf(params, cfg, remote, tokenizer_dir=tiny_dir, max_shard_bytes=200_000) == names
+        assert sorted(storage.listdir(remote)) == sorted(os.listdir(local))
+        for n in os.listdir(local):
+            assert storage.read_bytes(storage.join(remote, n)) == open(os.path.join(local, n), "rb").read(), n
+        reference = {}
+        for n in names:
+            reference.update(load_bytes(storage.read_bytes(storage.join(remote, n))))
+        assert sorted(reference) == sorted(_read_dir(local))
+        cfg2, params2 = load_hf_params(remote)
+        assert cfg2 == cfg
+        _assert_trees_equal(params, params2)
+        tok = load_source_tokenizer(remote)
+        text = "<|im_start|>user\nWhich way? <|vision_start|>"
+        assert tok(text)["input_ids"] == load_source_tokenizer(tiny_dir)(text)["input_ids"]
+        assert tok.chat_template == load_source_tokenizer(tiny_dir).chat_template

@@ -187,6 +187,38 @@ def test_bad_paths_give_one_clear_message(tmp_path):
         loop.validate_config(_config(), str(not_a_dir))
 
 
+def test_bucket_paths_are_checked_through_storage(monkeypatch):
+    from ilvr_jax import storage
+
+    paths = {"model.hf_dir": "gs://b/model", "data.adapter": "canonical", "data.train_path": "gs://b/train.jsonl",
+             "data.image_root": "gs://b/images"}
+    # Without gcsfs or tensorflow: one line per path, naming the key, the path and the package.
+    monkeypatch.setattr(storage, "_installed", lambda package: False)
+    with pytest.raises(loop.ConfigError) as e:
+        loop.validate_config(_config("paper", **paths), "gs://b/run")
+    lines = str(e.value).splitlines()[1:]
+    for key, path in [("--workdir", "gs://b/run"), ("model.hf_dir", "gs://b/model"),
+                      ("data.train_path", "gs://b/train.jsonl"), ("data.image_root", "gs://b/images")]:
+        assert f"  - {key}: {path}: gs:// paths need gcsfs or tensorflow, and neither is installed " \
+               "(pip install gcsfs)" in lines, lines
+    monkeypatch.undo()
+    # With the bucket reachable (in memory, through etils.epath) the files are looked up there.
+    spec = importlib.util.spec_from_file_location("_fb", os.path.join(os.path.dirname(__file__), "..",
+                                                                      "fake_bucket.py"))
+    fake_bucket = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_bucket)
+    with fake_bucket.load().install():
+        with pytest.raises(loop.ConfigError) as e:
+            loop.validate_config(_config("paper", **paths), "gs://b/run")
+        assert str(e.value).splitlines()[1:] == ["  - model.hf_dir: gs://b/model has no config.json",
+                                                 "  - data.train_path: gs://b/train.jsonl does not exist",
+                                                 "  - data.image_root: gs://b/images is not a directory"]
+        storage.write_text("gs://b/model/config.json", "{}")
+        storage.write_text("gs://b/train.jsonl", "")
+        storage.write_text("gs://b/images/x.png", "")
+        loop.validate_config(_config("paper", **paths), "gs://b/run")
+
+
 def test_stage2_without_a_stage1_checkpoint_is_rejected(tmp_path):
     with pytest.raises(loop.ConfigError, match="stage 2 needs train.init_from"):
         loop.validate_config(_config(stage=2))

@@ -112,26 +112,66 @@ def test_peak_flops_by_device_kind():
     assert M.peak_flops_per_device(Dev()) == 197e12
 
 
-def test_writer_jsonl_and_tensorboard_with_resume(tmp_path):
-    wd = str(tmp_path)
+@pytest.fixture(params=["local", "bucket"])
+def workdir(request, tmp_path):
+    """A local workdir and one in a gs:// bucket (in memory, through etils.epath)."""
+    if request.param == "local":
+        yield str(tmp_path)
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fb", os.path.join(os.path.dirname(__file__), "..",
+                                                                      "fake_bucket.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with module.load().install():
+        yield "gs://test-bucket/run"
+
+
+def test_writer_jsonl_and_tensorboard_with_resume(workdir):
+    from ilvr_jax import storage
+
+    wd = workdir
     w = M.MetricWriter(wd)
     for step in range(1, 6):
         w.write(step, {"loss": float(step), "mfu": None}, extra={"batch_fingerprint": f"{step:08x}"})
     w.close()
-    with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
-        f.write('{"step": 6, "loss"')      # torn line of a killed run
+    jsonl = storage.join(wd, "metrics.jsonl")
+    storage.write_text(jsonl, storage.read_text(jsonl) + '{"step": 6, "loss"')   # torn line of a killed run
     # Resume from step 3: later lines go, and TensorBoard purges steps > 3.
     w = M.MetricWriter(wd, resume_step=3)
     for step in (4, 5):
         w.write(step, {"loss": 10.0 * step})
     w.close()
-    lines = M.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    lines = M.read_jsonl(jsonl)
     assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
     assert "mfu" not in lines[0] and lines[0]["batch_fingerprint"] == "00000001"
-    tb = M.read_tensorboard_scalars(os.path.join(wd, "tensorboard"))
+    tb = M.read_tensorboard_scalars(storage.join(wd, "tensorboard"))
     assert tb == {"train/loss": {1: 1.0, 2: 2.0, 3: 3.0, 4: 40.0, 5: 50.0}}
-    assert len([f for f in os.listdir(os.path.join(wd, "tensorboard")) if "tfevents" in f]) >= 1
+    assert len([f for f in storage.listdir(storage.join(wd, "tensorboard")) if "tfevents" in f]) == 2
     json.dumps(lines)
+
+
+def test_tensorboard_records_are_framed_as_tensorboardx_frames_them(tmp_path):
+    """The event file's bytes equal tensorboardX's ``RecordWriter`` output for the same events."""
+    from tensorboardX.record_writer import RecordWriter
+
+    w = M.TensorBoardWriter(str(tmp_path / "ours"), purge_step=4)
+    w.write(5, {"train/loss": 1.5})
+    w.close()
+    ours = open(w.path, "rb").read()
+    # The same serialized events (the payloads of our file) written by tensorboardX.
+    payloads, pos = [], 0
+    while pos < len(ours):
+        n = int.from_bytes(ours[pos:pos + 8], "little")
+        payloads.append(ours[pos + 12:pos + 12 + n])
+        pos += 12 + n + 4
+    assert len(payloads) == 3   # file version, purge marker, one summary
+    ref = RecordWriter(str(tmp_path / "ref.tfevents"))
+    for p in payloads:
+        ref.write(p)
+    ref.close()
+    assert ours == open(tmp_path / "ref.tfevents", "rb").read()
 
 
 def test_batch_fingerprint_sees_tokens_and_order():

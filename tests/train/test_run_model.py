@@ -104,3 +104,42 @@ def test_pixel_budgets_come_from_the_model_unless_overridden(download, tmp_path)
 
     hf = AutoImageProcessor.from_pretrained(tok_dir)
     assert (hf.size["shortest_edge"], hf.size["longest_edge"]) == (3136, 64 * 28 * 28)
+
+
+def test_model_directory_and_workdir_in_a_bucket_give_the_local_files(download, tmp_path):
+    """Stage 1 from a gs:// model directory into a gs:// workdir (in memory, through etils.epath)
+    writes the files a local run writes, byte for byte, with the same parameters; stage 2 reads
+    them back from the bucket."""
+    import jax
+
+    from ilvr_jax import storage
+    from ilvr_jax.data.pipeline import load_tokenizer
+
+    fake_bucket = _load("_fb", os.path.join(os.path.dirname(_HERE), "fake_bucket.py")).load()
+    local_wd = str(tmp_path / "run")
+    cfg, params, tok_dir = run_model.prepare_model(_config(download), local_wd)
+    image_cfg = run_model.image_config(_config(download), tok_dir)
+    with fake_bucket.install():
+        storage.copy_tree(download, "gs://models/Qwen2.5-VL-tiny")
+        c = _config("gs://models/Qwen2.5-VL-tiny")
+        cfg2, params2, tok_dir2 = run_model.prepare_model(c, "gs://runs/s1")
+        assert tok_dir2 == "gs://runs/s1/tokenizer" and cfg2 == cfg
+        assert run_model.image_config(c, tok_dir2) == image_cfg
+        jax.tree.map(np.testing.assert_array_equal, params2, params)
+        files = sorted(os.listdir(local_wd))
+        assert sorted(storage.listdir("gs://runs/s1")) == files
+        for name in files:
+            if name == "tokenizer":
+                assert sorted(storage.listdir(tok_dir2)) == sorted(os.listdir(tok_dir))
+                pairs = [(os.path.join(tok_dir, n), storage.join(tok_dir2, n)) for n in os.listdir(tok_dir)]
+            else:
+                pairs = [(os.path.join(local_wd, name), storage.join("gs://runs/s1", name))]
+            for a, b in pairs:
+                assert storage.read_bytes(b) == open(a, "rb").read(), b
+        text = "<|latent_start|><|latent_pad|><|latent_end|> left"
+        assert load_tokenizer(tok_dir2)(text)["input_ids"] == load_tokenizer(tok_dir)(text)["input_ids"]
+        # Stage 2 copies the model files from the stage-1 workdir in the bucket.
+        c2 = _config("")
+        c2.stage, c2.train.init_from = 2, "gs://runs/s1"
+        cfg3, _, tok_dir3 = run_model.prepare_model(c2, "gs://runs/s2")
+        assert cfg3 == cfg and sorted(storage.listdir(tok_dir3)) == sorted(os.listdir(tok_dir))

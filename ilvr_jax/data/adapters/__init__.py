@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from ilvr_jax import storage
 from ilvr_jax.data.records import resolve_image_path
 
 # name -> (module, function, one-line description); modules load on first use (zebra needs pyarrow).
@@ -78,19 +79,22 @@ def map_image_paths(rec: Mapping[str, Any], fix: Callable[[str], str]) -> dict[s
 def absolute_paths(rec: Mapping[str, Any], root: str | os.PathLike | None) -> dict[str, Any]:
     """A copy of ``rec`` whose question and helper image paths are absolute (relative paths are
     resolved against ``root``)."""
-    return map_image_paths(rec, lambda path: os.path.abspath(resolve_image_path(path, root)))
+    return map_image_paths(rec, lambda path: storage.abspath(resolve_image_path(path, root)))
 
 
 def relative_paths(rec: Mapping[str, Any], base_dir: str | os.PathLike) -> dict[str, Any]:
     """A copy of ``rec`` whose absolute image paths below ``base_dir`` are made relative to it
     (paths elsewhere stay absolute), so a JSONL and its image folder can move together."""
-    base = os.path.abspath(os.fspath(base_dir))
+    base = storage.abspath(os.fspath(base_dir))
 
     def fix(path: str) -> str:
-        if not os.path.isabs(path):
+        if not storage.isabs(path) or storage.scheme(path) != storage.scheme(base):
             return path
-        rel = os.path.relpath(path, base)
-        return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+        if storage.is_local(base):
+            rel = os.path.relpath(path, base)
+            return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+        prefix = base.rstrip("/") + "/"   # same bucket: below the base or elsewhere
+        return path[len(prefix):] if path.startswith(prefix) else path
 
     return map_image_paths(rec, fix)
 
@@ -104,9 +108,9 @@ def convert_to_jsonl(adapter: str, source: str, out: str, image_root: str | None
     Returns ``out``."""
     from ilvr_jax.data.records import write_jsonl
 
-    out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = storage.dirname(storage.abspath(out))
+    storage.makedirs(out_dir)
     kwargs = {"image_root": image_root} if adapter != "zebra" else {"out_dir": out_dir}
     write_jsonl(out + ".tmp", (relative_paths(r, out_dir) for r in get_adapter(adapter).iter_records(source, **kwargs)))
-    os.replace(out + ".tmp", out)
+    storage.replace(out + ".tmp", out)
     return out

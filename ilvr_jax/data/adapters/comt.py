@@ -12,10 +12,10 @@ list exactly the latent steps' images (``helper_count`` error otherwise).
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator
 
+from ilvr_jax import storage
 from ilvr_jax.data.adapters import absolute_paths
 from ilvr_jax.data.records import DropPolicy, RecordError, read_jsonl, validate_located
 
@@ -23,10 +23,10 @@ from ilvr_jax.data.records import DropPolicy, RecordError, read_jsonl, validate_
 def jsonl_files(source: str | os.PathLike) -> list[str]:
     """``source`` itself if it is a file, else the ``*.jsonl`` files in the directory (sorted)."""
     source = os.fspath(source)
-    if os.path.isfile(source):
+    if storage.isfile(source):
         return [source]
-    if os.path.isdir(source):
-        files = sorted(glob.glob(os.path.join(source, "*.jsonl")))
+    if storage.isdir(source):
+        files = storage.glob(source, "*.jsonl")
         if not files:
             raise FileNotFoundError(f"no *.jsonl files in directory {source!r}")
         return files

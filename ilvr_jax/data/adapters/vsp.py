@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ilvr_jax import storage
 from ilvr_jax.data import maze
 from ilvr_jax.data.adapters import absolute_paths
 from ilvr_jax.data.adapters.comt import jsonl_files
@@ -159,8 +160,8 @@ def iter_maze_records(
     """Records of a data set written by ``maze.generate_maze_dataset`` (``source`` is its
     directory, whose ``data.jsonl`` is read, or a JSONL file); solutions are checked by
     simulation."""
-    default_file = os.path.join(os.fspath(source), "data.jsonl")
-    if os.path.isdir(source) and os.path.isfile(default_file):
+    default_file = storage.join(os.fspath(source), "data.jsonl")
+    if storage.isdir(source) and storage.isfile(default_file):
         source = default_file
     yield from iter_records(source, image_root=image_root, policy=policy, check_images=check_images,
                             check_solution=check_solution, task="maze")

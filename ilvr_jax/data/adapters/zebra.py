@@ -31,7 +31,6 @@ shards and yields it in shard / row order.
 from __future__ import annotations
 
 import bisect
-import glob
 import io
 import itertools
 import os
@@ -40,6 +39,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from ilvr_jax import storage
 from ilvr_jax.data.records import (
     MISSING_IMAGE,
     MISSING_KEY,
@@ -73,19 +73,19 @@ def _slug(name: str) -> str:
 def discover_shards(source: str | os.PathLike) -> list[tuple[str, str]]:
     """``(domain, shard path)`` pairs, sorted. ``source`` is the root holding domain folders,
     one domain folder, or one parquet file (its domain is its folder's name)."""
-    source = os.path.abspath(os.fspath(source))
-    if os.path.isfile(source):
-        return [(os.path.basename(os.path.dirname(source)), source)]
-    if not os.path.isdir(source):
+    source = storage.abspath(os.fspath(source))
+    if storage.isfile(source):
+        return [(storage.basename(storage.dirname(source)), source)]
+    if not storage.isdir(source):
         raise FileNotFoundError(f"Zebra-CoT source {source!r} does not exist")
-    direct = sorted(glob.glob(os.path.join(glob.escape(source), "*.parquet")))
+    direct = storage.glob(source, "*.parquet")
     if direct:
-        return [(os.path.basename(source), p) for p in direct]
+        return [(storage.basename(source), p) for p in direct]
     pairs = []
-    for entry in sorted(os.listdir(source)):
-        folder = os.path.join(source, entry)
-        if os.path.isdir(folder):
-            pairs += [(entry, p) for p in sorted(glob.glob(os.path.join(glob.escape(folder), "*.parquet")))]
+    for entry in sorted(storage.listdir(source)):
+        folder = storage.join(source, entry)
+        if storage.isdir(folder):
+            pairs += [(entry, p) for p in storage.glob(folder, "*.parquet")]
     if not pairs:
         raise FileNotFoundError(f"no *.parquet shards in {source!r} or its sub-folders")
     return pairs
@@ -144,20 +144,18 @@ def _image_bytes(cell: Any, shard_dir: str, where: str, column: str) -> bytes:
         return cell["bytes"]
     path = cell.get("path")
     if path:
-        full = path if os.path.isabs(path) else os.path.join(shard_dir, path)
-        if os.path.isfile(full):
-            with open(full, "rb") as f:
-                return f.read()
+        full = path if storage.isabs(path) else storage.join(shard_dir, path)
+        if storage.isfile(full):
+            return storage.read_bytes(full)
     raise RecordError(where, MISSING_IMAGE, f"image column {column!r} has no bytes and no readable "
                                             f"path ({path!r})")
 
 
 def write_png(data: bytes, path: str, where: str, column: str) -> None:
     """Writes image bytes as a PNG file (PNG input is copied byte for byte)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.makedirs(storage.dirname(path))
     if data[:8] == _PNG_MAGIC:
-        with open(path, "wb") as f:
-            f.write(data)
+        storage.write_bytes(path, data)
         return
     from PIL import Image, UnidentifiedImageError
 
@@ -166,15 +164,17 @@ def write_png(data: bytes, path: str, where: str, column: str) -> None:
             im.load()
             if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
                 im = im.convert("RGB")
-            im.save(path, format="PNG")
+            png = io.BytesIO()
+            im.save(png, format="PNG")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise RecordError(where, UNREADABLE_IMAGE, f"image column {column!r} is not a readable image: {e}") from None
+    storage.write_bytes(path, png.getvalue())
 
 
 def convert_row(row: dict, *, domain: str, shard: str, row_index: int, out_dir: str,
                 check_images: bool = True) -> dict:
     """One parquet row (a dict of column -> value) -> a validated canonical record."""
-    shard_stem = os.path.splitext(os.path.basename(shard))[0]
+    shard_stem = os.path.splitext(storage.basename(shard))[0]
     record_id = f"{domain}/{shard_stem}/{row_index}"
     where = f"{record_location(shard)}:row {row_index} (id={record_id})"
     for key in (QUESTION, TRACE, ANSWER):
@@ -182,8 +182,8 @@ def convert_row(row: dict, *, domain: str, shard: str, row_index: int, out_dir: 
             raise RecordError(where, MISSING_KEY, f"column {key!r} is missing or null")
         if not isinstance(row[key], str):
             raise RecordError(where, WRONG_TYPE, f"column {key!r} must be a string, got {type(row[key]).__name__}")
-    image_dir = os.path.join(os.path.abspath(out_dir), "images", _slug(domain), shard_stem)
-    shard_dir = os.path.dirname(shard)
+    image_dir = storage.join(storage.abspath(out_dir), "images", _slug(domain), shard_stem)
+    shard_dir = storage.dirname(shard)
     written: dict[str, str] = {}
 
     def image_file(kind: str, index: int) -> str:
@@ -192,7 +192,7 @@ def convert_row(row: dict, *, domain: str, shard: str, row_index: int, out_dir: 
             if column not in row:
                 raise RecordError(where, MISSING_IMAGE, f"placeholder names column {column!r}, which the shard lacks")
             data = _image_bytes(row[column], shard_dir, where, column)
-            path = os.path.join(image_dir, f"r{row_index:06d}_{column}.png")
+            path = storage.join(image_dir, f"r{row_index:06d}_{column}.png")
             write_png(data, path, where, column)
             written[column] = path
         return written[column]
@@ -262,7 +262,7 @@ def iter_records(
     policy = policy if policy is not None else DropPolicy("error")
     out_dir = os.fspath(out_dir)
     pairs = _select_domains(discover_shards(source), domains, exclude_domains)
-    files = [pq.ParquetFile(p) for _, p in pairs]
+    files = [pq.ParquetFile(p if storage.is_local(p) else storage.open_file(p, "rb")) for _, p in pairs]
     sizes = [f.metadata.num_rows for f in files]
     total = sum(sizes)
     chosen: list[set[int]] | None = None
