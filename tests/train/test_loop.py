@@ -120,3 +120,35 @@ def test_nan_skip_warns_every_skipped_step_and_counts_like_a_per_step_read(tmp_p
         else:
             assert not os.path.isfile(path), s
     assert math.isfinite(values[0]["loss"])
+
+
+def test_model_and_data_in_a_bucket_train_as_from_local_paths(tmp_path, cache_dir):
+    """A stock model directory (bf16 shards, processor files) and canonical records with their
+    images on gs:// (in memory, through etils.epath) train exactly as from local paths."""
+    hub = importlib.util.spec_from_file_location("_hub", os.path.join(os.path.dirname(__file__), "..",
+                                                                       "hub_download.py"))
+    hub_module = importlib.util.module_from_spec(hub)
+    hub.loader.exec_module(hub_module)
+    from ilvr_jax.data import maze
+
+    model = hub_module.load().build_hub_download(str(tmp_path / "Qwen2.5-VL-tiny"))
+    data = maze.generate_maze_dataset(str(tmp_path / "mazes"), n=8, seed=0, sizes=(3, 4))
+    common = ("--config.model.init=hf", "--config.data.adapter=canonical", "--config.train.num_steps=2",
+              "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+              "--config.train.export_at_end=false")
+    local_wd, bucket_wd = str(tmp_path / "local"), str(tmp_path / "bucket")
+    runs.run_main(local_wd, *common, f"--config.model.hf_dir={model}", f"--config.data.train_path={data}",
+                  cache_dir=cache_dir)
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bucket_main.py"),
+           f"{model}=gs://models/Qwen2.5-VL-tiny", f"{os.path.dirname(data)}=gs://data/mazes", "--",
+           f"--config={runs.STAGE1}:debug", f"--workdir={bucket_wd}", *common,
+           "--config.model.hf_dir=gs://models/Qwen2.5-VL-tiny", "--config.data.train_path=gs://data/mazes/data.jsonl"]
+    p = subprocess.run(cmd, cwd=runs.REPO, env=runs.env(cache_dir), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ref, got = runs.metrics(local_wd), runs.metrics(bucket_wd)
+    assert [r["step"] for r in got] == [1, 2]
+    for a, b in zip(ref, got):
+        for k in ("loss", "ce", "sim", "kstar", "grad_norm", "param_norm", "tokens", "batch_fingerprint"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])
+    for name in ("model_config.json", "source_config.json", "tokenizer/preprocessor_config.json"):
+        assert open(os.path.join(local_wd, name)).read() == open(os.path.join(bucket_wd, name)).read(), name
