@@ -122,33 +122,46 @@ def test_nan_skip_warns_every_skipped_step_and_counts_like_a_per_step_read(tmp_p
     assert math.isfinite(values[0]["loss"])
 
 
-def test_model_and_data_in_a_bucket_train_as_from_local_paths(tmp_path, cache_dir):
-    """A stock model directory (bf16 shards, processor files) and canonical records with their
-    images on gs:// (in memory, through etils.epath) train exactly as from local paths."""
+def test_a_run_in_a_bucket_resumes_and_matches_a_local_run(tmp_path, cache_dir):
+    """A stock model directory (bf16 shards, processor files), the maze records with their
+    images and the workdir all on gs:// (in memory, through etils.epath): two starts (steps
+    1-2, then a resume for 3-4) log exactly what one local run of 4 steps logs, and the
+    workdir's files in the bucket are the local run's."""
     hub = importlib.util.spec_from_file_location("_hub", os.path.join(os.path.dirname(__file__), "..",
                                                                        "hub_download.py"))
     hub_module = importlib.util.module_from_spec(hub)
     hub.loader.exec_module(hub_module)
     from ilvr_jax.data import maze
+    from ilvr_jax.train.metrics import read_tensorboard_scalars
 
     model = hub_module.load().build_hub_download(str(tmp_path / "Qwen2.5-VL-tiny"))
-    data = maze.generate_maze_dataset(str(tmp_path / "mazes"), n=8, seed=0, sizes=(3, 4))
-    common = ("--config.model.init=hf", "--config.data.adapter=canonical", "--config.train.num_steps=2",
-              "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-              "--config.train.export_at_end=false")
-    local_wd, bucket_wd = str(tmp_path / "local"), str(tmp_path / "bucket")
-    runs.run_main(local_wd, *common, f"--config.model.hf_dir={model}", f"--config.data.train_path={data}",
-                  cache_dir=cache_dir)
+    mazes = os.path.dirname(maze.generate_maze_dataset(str(tmp_path / "mazes"), n=8, seed=0, sizes=(3, 4)))
+    # A constant schedule after warm-up: the 2-step first start trains as the 4-step run does.
+    common = ("--config.model.init=hf", "--config.optim.schedule=constant", "--config.train.log_every=1",
+              "--config.train.checkpoint_every=2", "--config.train.export_at_end=false")
+    local_wd = str(tmp_path / "local")
+    runs.run_main(local_wd, *common, "--config.train.num_steps=4", f"--config.model.hf_dir={model}",
+                  f"--config.data.train_path={mazes}", cache_dir=cache_dir)
+    start = [f"--config={runs.STAGE1}:debug", "--workdir=gs://runs/s1", *common,
+             "--config.model.hf_dir=gs://models/Qwen2.5-VL-tiny", "--config.data.train_path=gs://data/mazes"]
+    exported = str(tmp_path / "exported")
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bucket_main.py"),
-           f"{model}=gs://models/Qwen2.5-VL-tiny", f"{os.path.dirname(data)}=gs://data/mazes", "--",
-           f"--config={runs.STAGE1}:debug", f"--workdir={bucket_wd}", *common,
-           "--config.model.hf_dir=gs://models/Qwen2.5-VL-tiny", "--config.data.train_path=gs://data/mazes/data.jsonl"]
-    p = subprocess.run(cmd, cwd=runs.REPO, env=runs.env(cache_dir), capture_output=True, text=True, timeout=600)
+           str(tmp_path / "checkpoints"), "copy", model, "gs://models/Qwen2.5-VL-tiny", "copy", mazes,
+           "gs://data/mazes", "export", "gs://runs/s1", exported,
+           "--", *start, "--config.train.num_steps=2", "--", *start, "--config.train.num_steps=4"]
+    p = subprocess.run(cmd, cwd=runs.REPO, env=runs.env(cache_dir), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    ref, got = runs.metrics(local_wd), runs.metrics(bucket_wd)
-    assert [r["step"] for r in got] == [1, 2]
+    assert "resumed from" in p.stdout + p.stderr and "at step 2" in p.stdout + p.stderr
+    ref, got = runs.metrics(local_wd), runs.metrics(exported)
+    assert [r["step"] for r in got] == [1, 2, 3, 4] == [r["step"] for r in ref]
     for a, b in zip(ref, got):
-        for k in ("loss", "ce", "sim", "kstar", "grad_norm", "param_norm", "tokens", "batch_fingerprint"):
+        for k in ("loss", "ce", "sim", "kstar", "grad_norm", "param_norm", "lr", "tokens", "batch_fingerprint"):
             assert a[k] == b[k], (a["step"], k, a[k], b[k])
-    for name in ("model_config.json", "source_config.json", "tokenizer/preprocessor_config.json"):
-        assert open(os.path.join(local_wd, name)).read() == open(os.path.join(bucket_wd, name)).read(), name
+    tb = read_tensorboard_scalars(os.path.join(exported, "tensorboard"))["train/loss"]
+    assert tb == {r["step"]: pytest.approx(r["loss"], rel=1e-7) for r in ref}
+    for name in ("model_config.json", "source_config.json", "tokenizer/tokenizer.json",
+                 "tokenizer/preprocessor_config.json", "data/train.jsonl"):
+        want = open(os.path.join(local_wd, name)).read()
+        if name == "data/train.jsonl":   # images stay where the source records are
+            want = want.replace(mazes, "gs://data/mazes")
+        assert open(os.path.join(exported, name)).read() == want, name
