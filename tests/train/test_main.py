@@ -219,6 +219,33 @@ def test_bucket_paths_are_checked_through_storage(monkeypatch):
         loop.validate_config(_config("paper", **paths), "gs://b/run")
 
 
+def test_generated_mazes_go_into_a_bucket_workdir(tmp_path):
+    """The maze adapter without a source generates its records into the workdir: in a gs://
+    workdir (in memory, through etils.epath) the files are the ones a local workdir gets."""
+    from ilvr_jax import storage
+    from ilvr_jax.data import records
+
+    c = _config(**{"data.generate_records": 3})
+    local, _ = loop.prepare_data(c, str(tmp_path / "run"))
+    spec = importlib.util.spec_from_file_location("_fb", os.path.join(os.path.dirname(__file__), "..",
+                                                                      "fake_bucket.py"))
+    fake_bucket = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_bucket)
+    with fake_bucket.load().install():
+        remote, root = loop.prepare_data(c, "gs://b/run")
+        assert remote == "gs://b/run/data/train.jsonl" and root is None
+        assert storage.read_text(remote) == open(local).read()
+        assert not storage.exists("gs://b/run/data/train.jsonl.tmp")
+        for loc in records.read_jsonl(remote):   # every image is in the bucket, beside the JSONL
+            rec = records.validate_located(loc, verify_images=True)
+            for path in rec["image_input"] + records.helper_images(rec):
+                full = records.resolve_image_path(path, loc.root)
+                assert full.startswith("gs://b/run/data/")
+                assert storage.read_bytes(full) == open(records.resolve_image_path(path, str(tmp_path / "run" / "data")),
+                                                        "rb").read()
+        assert loop.prepare_data(c, "gs://b/run") == (remote, None)   # a second start reuses them
+
+
 def test_stage2_without_a_stage1_checkpoint_is_rejected(tmp_path):
     with pytest.raises(loop.ConfigError, match="stage 2 needs train.init_from"):
         loop.validate_config(_config(stage=2))
