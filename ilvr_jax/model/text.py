@@ -85,7 +85,8 @@ def _write_cache(c: jax.Array, x: jax.Array, index, slots) -> jax.Array:
 
 
 def _attention_block(x: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin: jax.Array,
-                     mask: jax.Array, kv_cache, index, slots, dtype, attn_impl, context=None):
+                     mask: jax.Array | layers.SegmentMask, kv_cache, index, slots, dtype, attn_impl,
+                     context=None):
     b, s, _ = x.shape
     hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q = layers.dense(x, p["q_proj"], dtype).reshape(b, s, hq, hd)
@@ -113,8 +114,8 @@ def _attention_block(x: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, s
 
 
 def decoder_layer(h: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, kv_cache=None, index=None, slots=None, *, dtype=jnp.float32,
-                  attn_impl=None, context=None):
+                  mask: jax.Array | layers.SegmentMask, kv_cache=None, index=None, slots=None, *,
+                  dtype=jnp.float32, attn_impl=None, context=None):
     """One decoder layer on the residual stream h [B, S, D] (params of one layer, unstacked).
     ``context``: this layer's slices ``(k [B,T,Hkv,hd], v, mask [B,T])`` of the context blocks.
 
@@ -164,7 +165,12 @@ def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, pos
     if cache is None:
         if slots is not None:
             raise ValueError("slots given without a cache")
-        mask = attention_mask_4d(valid, jnp.arange(s, dtype=jnp.int32))
+        positions = jnp.arange(s, dtype=jnp.int32)
+        # The same mask by its structure, for the splash kernel: real tokens share segment 0,
+        # every padding token is a segment of its own (so it only ever sees itself there,
+        # where the dense mask also shows it the real keys before it: padding rows differ).
+        ids = jnp.where(valid, 0, -1 - positions[None, :])
+        mask = layers.SegmentMask(ids, ids, dense=attention_mask_4d(valid, positions), causal=True)
         index = None
         new_mask = None
     else:
