@@ -6,9 +6,12 @@ slots), arranged so that nothing in a loop iteration copies the cache:
 * :class:`DecodeCache` keeps one buffer per layer instead of the model's stacked
   ``[L, B, T, Hkv, hd]`` arrays: a layer reads and writes its own buffer, where slicing a
   stacked cache inside the loop materialises every layer's slice, every step.
-* keys are stored ``[B, Hkv, hd, T]`` and values ``[B, Hkv, T, hd]``: the score and the
+* keys are stored ``[B * Hkv, hd, T]`` and values ``[B * Hkv, T, hd]``: the score and the
   value products are then plain batched matmuls over the stored layout (no per-step
-  transpose of the cache into the layout a dot wants).
+  transpose of the cache into the layout a dot wants). Rows and kv heads share one batch
+  axis because XLA drops a batch axis of size 1 (batch 1) by a reshape of the buffer, and
+  then duplicates the in-place write for the reshaped reader, copying the buffer twice per
+  layer and step (still the case when B * Hkv = 1).
 * each layer writes its new key/value into slot ``index`` first and attends to the buffer
   it just wrote (self included through the validity mask). The read then depends on the
   write, so XLA updates the loop-carried buffer in place; reading the old buffer and writing
@@ -35,7 +38,8 @@ Params = dict[str, Any]
 
 
 class DecodeCache(NamedTuple):
-    """keys: per layer [B, Hkv, hd, T]; values: per layer [B, Hkv, T, hd]; valid [B, T] bool
+    """keys: per layer [B * Hkv, hd, T]; values: per layer [B * Hkv, T, hd] (row-major over
+    (row, kv head)); valid [B, T] bool
     (slots a token may attend to); index: the shared write slot of the next token (every row
     writes its t-th new token at the same slot, prompts being left-padded).
 
@@ -51,15 +55,17 @@ class DecodeCache(NamedTuple):
 def decode_cache(cache: dict) -> DecodeCache:
     """The model's cache (``{"k", "v": [L, B, T, Hkv, hd], "mask", "index"}``) in decode layout."""
     n = cache["k"].shape[0]
-    return DecodeCache(keys=tuple(jnp.transpose(cache["k"][i], (0, 2, 3, 1)) for i in range(n)),
-                       values=tuple(jnp.transpose(cache["v"][i], (0, 2, 1, 3)) for i in range(n)),
+    b, t, hkv, hd = cache["k"].shape[1:]
+    return DecodeCache(keys=tuple(jnp.transpose(cache["k"][i], (0, 2, 3, 1)).reshape(b * hkv, hd, t) for i in range(n)),
+                       values=tuple(jnp.transpose(cache["v"][i], (0, 2, 1, 3)).reshape(b * hkv, t, hd) for i in range(n)),
                        valid=jnp.asarray(cache["mask"], bool), index=jnp.asarray(cache["index"], jnp.int32))
 
 
 def model_cache(cache: DecodeCache) -> dict:
     """The inverse of :func:`decode_cache`."""
-    return {"k": jnp.stack([jnp.transpose(k, (0, 3, 1, 2)) for k in cache.keys]),
-            "v": jnp.stack([jnp.transpose(v, (0, 2, 1, 3)) for v in cache.values]),
+    b, t = cache.valid.shape
+    return {"k": jnp.stack([jnp.transpose(k.reshape(b, -1, *k.shape[1:]), (0, 3, 1, 2)) for k in cache.keys]),
+            "v": jnp.stack([jnp.transpose(v.reshape(b, -1, *v.shape[1:]), (0, 2, 1, 3)) for v in cache.values]),
             "mask": cache.valid, "index": cache.index}
 
 
@@ -80,17 +86,17 @@ def first_token_positions(cache: DecodeCache, rope_deltas: jax.Array) -> jax.Arr
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, valid: jax.Array) -> jax.Array:
     """Softmax attention of one query per row over a layer's cache.
 
-    q [B, Hq, hd]; keys [B, Hkv, hd, T]; values [B, Hkv, T, hd]; valid [B, T] (at least one
+    q [B, Hq, hd]; keys [B * Hkv, hd, T]; values [B * Hkv, T, hd]; valid [B, T] (at least one
     slot per row: the query's own). GQA: query head j reads kv head j // (Hq / Hkv).
     Returns [B, Hq, hd] fp32.
     """
     b, hq, hd = q.shape
-    hkv = keys.shape[1]
-    qg = q.reshape(b, hkv, hq // hkv, hd).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
-    scores = jnp.einsum("bhgd,bhdt->bhgt", qg, keys.astype(jnp.float32))
+    hkv = keys.shape[0] // b
+    qg = q.reshape(b * hkv, hq // hkv, hd).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
+    scores = jnp.einsum("ngd,ndt->ngt", qg, keys.astype(jnp.float32)).reshape(b, hkv, hq // hkv, -1)
     scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
-    weights = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bhgt,bhtd->bhgd", weights, values.astype(jnp.float32)).reshape(b, hq, hd)
+    weights = jax.nn.softmax(scores, axis=-1).reshape(b * hkv, hq // hkv, -1)
+    return jnp.einsum("ngt,ntd->ngd", weights, values.astype(jnp.float32)).reshape(b, hq, hd)
 
 
 def decode_step(params: Params, per_layer: tuple[Params, ...], cfg: ModelConfig, embeds: jax.Array,
@@ -115,10 +121,8 @@ def decode_step(params: Params, per_layer: tuple[Params, ...], cfg: ModelConfig,
         q = layers.apply_rotary(layers.dense(x, a["q_proj"], dtype).reshape(b, 1, hq, hd), cos, sin)
         k = layers.apply_rotary(layers.dense(x, a["k_proj"], dtype).reshape(b, 1, hkv, hd), cos, sin)
         v = layers.dense(x, a["v_proj"], dtype).reshape(b, 1, hkv, hd)
-        k_buf = jax.lax.dynamic_update_slice(k_buf, jnp.transpose(k, (0, 2, 3, 1)).astype(k_buf.dtype),
-                                             (0, 0, 0, index))
-        v_buf = jax.lax.dynamic_update_slice(v_buf, jnp.transpose(v, (0, 2, 1, 3)).astype(v_buf.dtype),
-                                             (0, 0, index, 0))
+        k_buf = jax.lax.dynamic_update_slice(k_buf, k.reshape(b * hkv, hd, 1).astype(k_buf.dtype), (0, 0, index))
+        v_buf = jax.lax.dynamic_update_slice(v_buf, v.reshape(b * hkv, 1, hd).astype(v_buf.dtype), (0, index, 0))
         keys.append(k_buf)
         values.append(v_buf)
         out = cached_attention(q[:, 0], k_buf, v_buf, valid)

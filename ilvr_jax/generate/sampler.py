@@ -4,7 +4,7 @@ Layout: prompts are left-padded into ``[B, S]`` (S a bucket), so every row write
 token at the same cache slot; each new token takes the M-RoPE id ``(valid tokens so far) +
 rope_delta`` (counted once after the prefill, then one per step), so padding never shifts
 positions. The prefill hands the loop its cache in ``cached_step``'s decode layout (one
-buffer per layer, keys ``[B, Hkv, hd, T]``), which the loop updates in place. The loop (``jax.lax.while_loop``) carries per row: the logits and final-norm
+buffer per layer, keys ``[B * Hkv, hd, T]``), which the loop updates in place. The loop (``jax.lax.while_loop``) carries per row: the logits and final-norm
 hidden state of the last forward, the latent state (``ilvr.latent_decoding``), the number of
 tokens generated, a done flag and the outputs. Each iteration
 

@@ -8,6 +8,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ilvr_jax.generate import pad_prompts
 from ilvr_jax.generate.cached_step import (decode_cache, decode_step, first_token_positions, layer_params,
@@ -55,21 +56,22 @@ def test_first_argmax_equals_argmax_with_ties_and_nan():
     np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=1))
 
 
-def test_compiled_loop_keeps_the_cache_in_place(gen_latent):
+@pytest.mark.parametrize("rows", [1, 4])
+def test_compiled_loop_keeps_the_cache_in_place(gen_latent, rows):
     """The optimised loop body has no copy of a cache-sized buffer (every step would pay it)
-    and no variadic (value, index) reduce (argmax's scalar loop on CPU)."""
+    and no variadic (value, index) reduce (argmax's scalar loop on CPU), at batch 1 too."""
     from ilvr_jax.generate import Prompt
 
     cfg, params = gen_latent.cfg, gen_latent.params
     dcfg = decode_config(gen_latent.tokenizer, cfg, latent_size=4)
     pre, loop = compiled(cfg, dcfg)
     prompts = [Prompt(np.arange(5 + 3 * i, dtype=np.int32), np.zeros((0, cfg.vision.patch_dim), np.float32),
-                      np.zeros((0, 3), np.int32)) for i in range(4)]
+                      np.zeros((0, 3), np.int32)) for i in range(rows)]
     batch = pad_prompts(prompts, dcfg.pad_id, patch_dim=cfg.vision.patch_dim)
     t = 16
     logits, hidden, cache, deltas = pre(params, batch=batch, cache_len=cache_length(batch.input_ids.shape[1], t))
     hlo = loop.lower(params, max_steps=t, cache=cache, logits=logits, hidden=hidden, rope_deltas=deltas,
-                     last_prompt_token=jnp.asarray(batch.input_ids[:, -1]), budgets=jnp.full((4,), t, jnp.int32),
+                     last_prompt_token=jnp.asarray(batch.input_ids[:, -1]), budgets=jnp.full((rows,), t, jnp.int32),
                      stop_ids=jnp.asarray([-1], jnp.int32), key=jax.random.PRNGKey(0), temperature=jnp.float32(0),
                      top_k=jnp.int32(0), top_p=jnp.float32(1)).compile().as_text()
     k_shape = "f32[%s]" % ",".join(str(d) for d in cache.keys[0].shape)
@@ -77,4 +79,4 @@ def test_compiled_loop_keeps_the_cache_in_place(gen_latent):
     copies = [ln for ln in hlo.splitlines() if re.search(r"= (%s|%s)\{[0-9,]*\} copy\(" % (
         re.escape(k_shape), re.escape(v_shape)), ln)]
     assert not copies, copies[:2]
-    assert not re.search(r"= \(f32\[4\]\{0\}, s32\[4\]\{0\}\) (reduce|fusion)\(", hlo)
+    assert not re.search(r"= \(f32\[%d\]\{0\}, s32\[%d\]\{0\}\) (reduce|fusion)\(" % (rows, rows), hlo)

@@ -47,6 +47,21 @@ def test_choose_tokens_samples_the_filtered_distribution():
     assert np.all(np.asarray(zero_t) == 0)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 1.0), (0.8, 4, 1.0), (1.2, 0, 0.6)])
+def test_sampled_tokens_are_the_draw_from_the_filtered_logits(temperature, top_k, top_p):
+    """With top-k and top-p off the filter (its sort) is skipped; the draw is the same one."""
+    logits = jnp.asarray(np.random.RandomState(2).randn(64, 50).astype(np.float32) * 2)
+    key = jax.random.PRNGKey(3)
+    chosen, greedy = jax.jit(choose_tokens, static_argnames="sample")(logits, key, temperature, top_k, top_p,
+                                                                      sample=True)
+    want = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
+    if top_k == 0 and top_p == 1.0:
+        want = jax.random.categorical(key, logits / temperature, axis=-1)
+    np.testing.assert_array_equal(np.asarray(chosen), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))
+    assert len(set(np.asarray(chosen).tolist())) > 5  # a draw, not the argmax
+
+
 def test_sampling_params_reject_bad_values():
     for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
