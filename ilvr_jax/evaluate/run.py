@@ -10,16 +10,20 @@ interval.
 With ``out_dir``, one JSON line per (record, mode) is appended to ``out_dir/samples.jsonl``
 as soon as its batch is done (flushed), and ``out_dir/summary.json`` is written at the end;
 a rerun with the same ``out_dir`` skips the (id, mode) pairs already there, so an
-interrupted evaluation continues where it stopped. Batches are formed over the records in
-order whatever is already done, so a resumed run generates exactly what an uninterrupted
-one would. Every batch is padded to the evaluation's longest prompt and largest question
-images (:func:`shape_floors`), so one evaluation compiles one prefill and one decode loop
-per mode.
+interrupted evaluation continues where it stopped (the summary counts the rows it found,
+``resumed_rows``, and the (batch, mode) pairs it generated, ``generated_batches``).
+Batches are formed over the records in order whatever is already done, so a resumed run
+generates exactly what an uninterrupted one would. Every batch is padded to the
+evaluation's longest prompt and largest question images (:func:`shape_floors`), so one
+evaluation compiles one prefill and one decode loop per mode.
 
-Multi-process: the records are cut into global batches of ``batch_size * process_count``
-rows; each process builds its own ``batch_size`` rows, the rows are put on the mesh's batch
-axes (``mesh``), outputs are gathered to every process, and process 0 alone writes. All
-processes must see the same records and the same ``out_dir`` (a shared file system).
+Multi-process: ``batch_size`` is the global batch, as in training. The records are cut
+into global batches of ``batch_size`` rows; each process builds its ``batch_size /
+process_count`` rows, the rows are put on the mesh's batch axes (``mesh``), outputs are
+gathered to every process, and process 0 alone reads and writes ``out_dir``: the rows it
+finds there are handed to the others, so every process skips the same batches and meets
+the same collectives. The batches are those of one process with the same ``batch_size``
+and mesh, so the generations are too. All processes must see the same records.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from ilvr_jax.data.records import LocatedRecord, RecordError, resolve_image_path
 from ilvr_jax.evaluate import diagnostics, scorers
 from ilvr_jax.generate.generation import Generation, decode_config, stop_token_ids, unpack
 from ilvr_jax.generate.prompts import Prompt, record_prompt
-from ilvr_jax.generate.sampler import PromptBatch, bucket, generate_batch, pad_prompts
+from ilvr_jax.generate.sampler import PromptBatch, generate_batch, pad_prompts
 from ilvr_jax.generate.sampling import SamplingParams
 from ilvr_jax.model.config import ModelConfig
 
@@ -248,6 +252,30 @@ def _padded_batch(prompts: Sequence[Prompt], pad_id: int, rows: int, patch_dim: 
     return b
 
 
+def _batch_ways(mesh) -> int:
+    """Into how many parts the mesh's batch axes cut a batch."""
+    axes = sharding.logical_to_spec(("batch",), mesh)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+def params_on_mesh(params, cfg: ModelConfig, mesh):
+    """A host parameter tree (numpy, the same on every process) -> global arrays laid out
+    over ``mesh`` as training lays them out; each process fills only its own devices, so
+    parameters that span processes need no transfer between them."""
+    from ilvr_jax.model import qwen25vl
+
+    axes = qwen25vl.param_axes(cfg)
+
+    def put(names, x):
+        x = np.asarray(x)
+        s = sharding.named_sharding(mesh, names, x.shape)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(put, axes, params, is_leaf=lambda n: isinstance(n, tuple) and all(
+        isinstance(a, (str, type(None))) for a in n))
+
+
 def _to_mesh(tree, mesh):
     """Process-local rows -> global arrays split along the mesh's batch axes."""
 
@@ -259,6 +287,18 @@ def _to_mesh(tree, mesh):
         return jax.make_array_from_process_local_data(spec, x)
 
     return jax.tree.map(put, tree, is_leaf=lambda x: x is None or isinstance(x, np.ndarray))
+
+
+def _shared_rows(samples_path: str, writer: bool) -> list[dict[str, Any]]:
+    """The rows already in the samples file, read (and repaired) by the writing process and,
+    with several processes, handed to all of them: each must skip exactly the batches the
+    others skip, whether or not it sees the file (or sees it before the repair)."""
+    if jax.process_count() == 1:
+        return read_samples(samples_path, repair=writer)
+    from ilvr_jax.train import distributed
+
+    text = json.dumps(read_samples(samples_path, repair=True)) if jax.process_index() == 0 else ""
+    return json.loads(distributed.broadcast_text(text))
 
 
 def _gather(out):
@@ -301,17 +341,25 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
     pi, pc = jax.process_index(), jax.process_count()
     if pc > 1 and mesh is None:
         raise ValueError(f"evaluation on {pc} processes needs the mesh the parameters live on")
+    if batch_size < 1 or batch_size % pc:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {pc} processes "
+                         "(it is the global batch; each process builds an equal share)")
+    if mesh is not None:
+        dp = _batch_ways(mesh)
+        if batch_size % dp:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the mesh's batch axes (data x fsdp = {dp})")
+    per_process = batch_size // pc
     writer = pi == 0 and out_dir is not None
     samples_path = os.path.join(out_dir, SAMPLES_FILE) if out_dir is not None else None
-    rows: list[dict[str, Any]] = read_samples(samples_path, repair=writer) if samples_path else []
+    rows: list[dict[str, Any]] = _shared_rows(samples_path, writer) if samples_path else []
+    resumed_rows = len(rows)
     done = {(r["id"], r["mode"]) for r in rows}
     stops = stop_token_ids(tokenizer, model_cfg)
     dcfgs = {m: decode_config(tokenizer, model_cfg, latent_size=latent_size, sampling=sampling, **dict(decode_kw or {}),
                               **({} if m == diagnostics.NORMAL else {"latent_ablation": m})) for m in modes}
     pad_id = dcfgs[diagnostics.NORMAL].pad_id
     dim = model_cfg.text.hidden_size
-    global_rows = batch_size * pc
-    chunks = [items[i:i + global_rows] for i in range(0, len(items), global_rows)]
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     todo = [(c, m) for c, chunk in enumerate(chunks) for m in modes if any((it.id, m) not in done for it in chunk)]
     # Custom loaders (in-memory images) have no headers to read: their batches bucket alone.
     floors = shape_floors(items, tokenizer, image_cfg) if todo and image_loader is proc.load_image else (16, 0, 1)
@@ -320,7 +368,7 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
 
     def prompts_of(c: int):
         if c not in prompt_cache:
-            local = chunks[c][pi * batch_size:(pi + 1) * batch_size]
+            local = chunks[c][pi * per_process:(pi + 1) * per_process]
             ps = [record_prompt(it.record, tokenizer, image_cfg, root=it.root, where=it.where,
                                 image_loader=image_loader) for it in local]
             texts = [proc.build_prompt_text(tokenizer, it.record["text_input"], len(it.record["image_input"]))
@@ -331,8 +379,8 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
 
     def run(c: int, mode: str, donors=None) -> list[Generation]:
         ps, _ = prompts_of(c)
-        batch = _padded_batch(ps, pad_id, batch_size, model_cfg.vision.patch_dim, floors)
-        budgets = np.zeros((global_rows,), np.int32)  # host-side: the loop length is read from them
+        batch = _padded_batch(ps, pad_id, per_process, model_cfg.vision.patch_dim, floors)
+        budgets = np.zeros((batch_size,), np.int32)  # host-side: the loop length is read from them
         budgets[: len(chunks[c])] = max_new_tokens
         source = donors
         if mesh is not None:
@@ -343,7 +391,7 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
         with sharding.activation_mesh(mesh):  # the model's activation constraints, as in training
             out = generate_batch(params, model_cfg, dcfgs[mode], batch, budgets, stops, batch_sampling, **kw)
         out = _gather(out)
-        return unpack(out, len(chunks[c]) if pc > 1 else len(ps), tokenizer)
+        return unpack(out, len(chunks[c]), tokenizer)
 
     normal_cache: dict[int, list[Generation]] = {}
 
@@ -365,9 +413,9 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
         else:  # one row: the previous batch's last row (the next batch's first for the first)
             d = c - 1 if c > 0 else c + 1
             lat, ids, donor_idx = [normal_of(d)[-1 if c > 0 else 0].latents], [chunks[d][-1 if c > 0 else 0].id], [0]
-        mine = list(donor_idx)[pi * batch_size:(pi + 1) * batch_size]
+        mine = list(donor_idx)[pi * per_process:(pi + 1) * per_process]
         longest = max(len(lat[d]) for d in donor_idx)  # over all rows: every process compiles one shape
-        return diagnostics.donor_arrays(lat, mine, batch_size, dim, length=longest), ids
+        return diagnostics.donor_arrays(lat, mine, per_process, dim, length=longest), ids
 
     bar = None
     if progress and pi == 0 and todo:
@@ -416,6 +464,8 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
                      sampling=dataclasses.asdict(sampling), limit=limit, processes=pc)
     cfg_entry.update(config or {})
     summary = summarize(items, rows, modes, n_resamples=n_resamples, seed=seed, config=cfg_entry)
+    summary["resumed_rows"] = resumed_rows          # rows of an earlier run, not generated again
+    summary["generated_batches"] = len(todo)       # (batch, mode) pairs this run generated
     summary["seconds"] = round(time.time() - t0, 3)
     if writer:
         tmp = os.path.join(out_dir, SUMMARY_FILE + ".tmp")

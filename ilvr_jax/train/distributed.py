@@ -17,6 +17,7 @@ What differs from a single process, and is handled here:
   so it equals the fingerprint of a single-process run with the same global batch.
 * ``fetch_to_host`` brings arrays that span processes to every host's memory (one leaf at
   a time, so only one leaf is ever replicated on the devices).
+* ``broadcast_text`` hands process 0's text (e.g. a file only it reads) to every process.
 * ``barrier`` waits on the coordination service (no time limit of the device transport):
   process 0 may convert the data for minutes while the others wait.
 
@@ -128,6 +129,21 @@ def _allgather_text(text: str) -> list[str]:
     padded[:data.size] = data
     rows = _allgather(padded).reshape(len(lengths), -1)
     return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
+
+
+def broadcast_text(text: str) -> str:
+    """Process 0's ``text`` on every process (the others' argument is ignored), e.g. what
+    process 0 read from a file the others may not see. A collective with several processes."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    barrier("broadcast")   # process 0 may still be reading: no gloo collective waits for it
+    data = np.frombuffer(text.encode("utf-8"), np.uint8) if jax.process_index() == 0 else np.zeros((0,), np.uint8)
+    n = int(np.asarray(multihost_utils.broadcast_one_to_all(np.array([data.size], np.int32))).reshape(-1)[0])
+    padded = np.zeros((max(256, 1 << max(n - 1, 0).bit_length()),), np.uint8)  # a few compiled shapes
+    padded[:data.size] = data
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))[:n]).decode("utf-8")
 
 
 def agreed_stop_signal(request) -> int | None:

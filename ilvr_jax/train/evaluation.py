@@ -6,6 +6,11 @@ The held-out split is ``data.eval_path`` (through the run's adapter, as the trai
 with the maze adapter and no path, ``data.eval_records`` mazes are generated into the
 workdir from another seed, leaving out every map that is also in the training set, so the
 evaluation never sees a training maze.
+
+With several processes, ``train.eval_batch_size`` is the global batch: every process
+generates its rows of each batch on the training mesh, and process 0 writes the samples and
+the summary, which equal those of one process evaluating the same parameters on the same
+mesh (``tests/train/test_multiprocess.py``).
 """
 
 from __future__ import annotations

@@ -36,8 +36,15 @@ def test_resume_skips_done_ids_and_keeps_written_lines(eval_setup, tmp_path, cap
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["num_records"] == 6 and summary["modes"]["normal"]["count"] == 6
     assert summary["config"]["adapter"] == "canonical" and summary["config"]["max_new_tokens"] == 16
+    # 3 rows found; both batches of 4 had a row to do.
+    assert (summary["resumed_rows"], summary["generated_batches"]) == (3, 2)
     printed = capsys.readouterr().out
     assert "normal" in printed and "samples.jsonl" in printed
+    # Everything done: nothing generated, the same summary.
+    assert _cli(s, out) == 0
+    again = json.loads((out / SUMMARY_FILE).read_text())
+    assert (again["resumed_rows"], again["generated_batches"]) == (6, 0)
+    assert again["modes"] == summary["modes"] and (out / SAMPLES_FILE).read_text().splitlines() == lines
 
 
 def test_rows_hold_the_generation_and_its_score(eval_setup, tmp_path):
@@ -127,14 +134,22 @@ def test_bad_input_is_one_line(eval_setup, tmp_path, capsys):
     assert main(["--model", s.hf_dir, "--teacher", "--data", s.data_path, "--scorer", "maze",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--teacher needs a training checkpoint" in capsys.readouterr().err
+    for mesh, msg in (("1;8", "--mesh '1;8': expected three comma-separated integers"),
+                      ("1,3,1", "needs 3 devices, but 8 are available")):
+        assert _cli(s, tmp_path / "o", "--mesh", mesh) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, err
 
 
 def test_rows_sharded_over_a_mesh_give_the_same_generations(eval_setup, tmp_path, monkeypatch):
+    """Parameters laid out as training lays them out (fsdp-sharded) and the rows split over
+    the same axis generate what one device does."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import PartitionSpec
 
     from ilvr_jax.evaluate import run as run_lib
-    from ilvr_jax.train.mesh import make_mesh
+    from ilvr_jax.model import qwen25vl
+    from ilvr_jax.train.mesh import make_mesh, tree_shardings
 
     specs = []
     real = run_lib.generate_batch
@@ -148,12 +163,18 @@ def test_rows_sharded_over_a_mesh_give_the_same_generations(eval_setup, tmp_path
     s = eval_setup
     if len(jax.devices()) < 2:
         pytest.fail("the test process needs 2 devices (tests/conftest.py sets 8 host devices)")
-    mesh = make_mesh((2, 1, 1), jax.devices()[:2])
-    params = jax.device_put(s.params, NamedSharding(mesh, PartitionSpec()))
+    mesh = make_mesh((1, 2, 1), jax.devices()[:2])
+    params = run_lib.params_on_mesh(s.params, s.cfg, mesh)
+    want = tree_shardings(mesh, qwen25vl.param_axes(s.cfg), s.params)
+    assert jax.tree.map(lambda x: x.sharding.spec, params) == jax.tree.map(lambda w: w.spec, want)
+    assert any(sp.spec != PartitionSpec() for sp in jax.tree.leaves(want))   # some leaves really are split
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), params, s.params)
     kw = dict(batch_size=4, max_new_tokens=16, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size 3 must be divisible by the mesh's batch axes \(data x fsdp"):
+        evaluate(params, s.cfg, s.tokenizer, s.image_cfg, s.records, "maze", mesh=mesh, **dict(kw, batch_size=3))
     evaluate(params, s.cfg, s.tokenizer, s.image_cfg, s.records, "maze", out_dir=str(tmp_path / "mesh"), mesh=mesh,
              **kw)
-    assert specs and all(sp.spec == PartitionSpec("data", None) for sp in specs)  # rows split over 2 devices
+    assert specs and all(sp.spec == PartitionSpec("fsdp", None) for sp in specs)  # rows split over 2 devices
     evaluate(s.params, s.cfg, s.tokenizer, s.image_cfg, s.records, "maze", out_dir=str(tmp_path / "one"), **kw)
     sharded = read_samples(str(tmp_path / "mesh" / SAMPLES_FILE))
     single = read_samples(str(tmp_path / "one" / SAMPLES_FILE))
