@@ -187,10 +187,15 @@ def test_tiny_step_compiles_for_v5e_and_its_numbers_agree(libtpu, stage):
     from ilvr_jax import aot
 
     config = f"{STAGE1 if stage == 1 else STAGE2}:debug"
-    p = run_aot(f"--config={config}", *TINY_V5E, "--json")
+    # Stage 1 with "auto": the TPU target (not this CPU host) picks the splash kernel, which
+    # must compile for it inside the sharded step (text decoder and vision tower); stage 2
+    # with XLA's attention.
+    impl = "auto" if stage == 1 else "xla"
+    p = run_aot(f"--config={config}", *TINY_V5E, f"--config.model.attn_impl={impl}", "--json")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     r = _report(p)
     assert r["verdict"] == "FITS" and r["fits"] and r["stage"] == stage and r["source"] == "compiler"
+    assert r["attn_impl"] == ("splash" if stage == 1 else "xla")
     assert r["device_kind"] == "TPU v5 lite" and r["devices"] == 4 and r["mesh"] == [1, 4, 1]
     assert r["hbm_bytes"] == int(15.75 * 2**30)
     # The compiler's view of the inputs is the state and batch shards we laid out (TPU tiling
