@@ -182,6 +182,28 @@ def test_libtpu_topologies_and_their_hbm(libtpu):
     assert "Traceback" not in p.stderr
 
 
+def test_splash_lowers_to_the_tpu_kernel_on_a_tpu_mesh(libtpu):
+    """On a mesh of TPU devices (a libtpu topology, from this CPU host) the splash path is the
+    Mosaic kernel inside shard_map, not Pallas interpret mode (which CPU meshes get)."""
+    code = ("import jax, jax.numpy as jnp\n"
+            "from jax.sharding import NamedSharding, PartitionSpec as P\n"
+            "from ilvr_jax import aot, sharding\nfrom ilvr_jax.model import layers\n"
+            "from ilvr_jax.train import mesh as m\n"
+            "mesh = m.make_mesh((1, 2, 2), list(aot.load_topology('v5e:2x2').devices))\n"
+            "sd = lambda s, d, *p: jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, P(*p)))\n"
+            "q = sd((2, 256, 4, 128), jnp.bfloat16, 'fsdp', None, 'tensor', None)\n"
+            "k = sd((2, 256, 2, 128), jnp.bfloat16, 'fsdp', None, 'tensor', None)\n"
+            "ids = sd((2, 256), jnp.int32, 'fsdp', None)\n"
+            "f = lambda q, k, v, i: layers.attention(q, k, v, layers.SegmentMask(i, i, causal=True), 'splash')\n"
+            "with sharding.activation_mesh(mesh):\n"
+            "    text = jax.jit(f).lower(q, k, k, ids).as_text()\n"
+            "print('tpu_custom_call' in text, 'manual_computation' in text)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["True", "True"], p.stdout
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_tiny_step_compiles_for_v5e_and_its_numbers_agree(libtpu, stage):
     from ilvr_jax import aot
