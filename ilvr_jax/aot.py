@@ -173,11 +173,12 @@ def validate(c) -> None:
 
 def attention_impl(c, platform: str) -> str:
     """``model.attn_impl`` for the TARGET's platform ("tpu" / "gpu"), not this host's:
-    "auto" is splash on TPUs and cuDNN on GPUs; a kernel the target lacks is a config error."""
+    "auto" is splash on TPUs and cuDNN on GPUs (XLA for an fp32 compute dtype); a kernel the
+    target lacks is a config error."""
     from ilvr_jax.model import layers
 
     try:
-        impl = layers.resolve_attention_impl(c.model.attn_impl, platform)
+        impl = layers.resolve_attention_impl(c.model.attn_impl, platform, c.model.compute_dtype)
     except ValueError as e:
         raise ConfigError(f"model.attn_impl: {e}") from None
     if impl == "cudnn" and platform != "gpu":

@@ -136,11 +136,14 @@ def test_attention_resolves_for_the_target_platform_not_the_host():
     from ilvr_jax import aot
 
     c = get_config("debug")
+    c.model.compute_dtype = "bfloat16"
     for name, platform, want in [("auto", "tpu", "splash"), ("auto", "gpu", "cudnn"), ("xla", "tpu", "xla"),
                                  ("splash", "tpu", "splash"), ("cudnn", "gpu", "cudnn")]:
         c.model.attn_impl = name
         assert aot.attention_impl(c, platform) == want, (name, platform)
         assert aot.with_attention_impl(c, want).model.attn_impl == want and c.model.attn_impl == name
+    c.model.attn_impl, c.model.compute_dtype = "auto", "float32"  # cuDNN has no fp32 kernel
+    assert aot.attention_impl(c, "gpu") == "xla" and aot.attention_impl(c, "tpu") == "splash"
     for name, platform, message in [("cudnn", "tpu", "needs NVIDIA GPUs"), ("splash", "gpu", "is a TPU kernel"),
                                     ("flash", "tpu", "unknown attention implementation 'flash'")]:
         c.model.attn_impl = name

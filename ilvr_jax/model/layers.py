@@ -57,17 +57,21 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def resolve_attention_impl(name: str | None, platform: str | None) -> str:
+def resolve_attention_impl(name: str | None, platform: str | None, compute_dtype=None) -> str:
     """The attention implementation for config value ``name`` on ``platform`` ("tpu",
     "gpu", "cpu"; "cuda" counts as "gpu"): "auto" picks splash on TPUs, cuDNN flash
-    attention on GPUs and XLA elsewhere; None is XLA (as everywhere in the model); any
-    other name is returned as is after checking it is one of
-    :data:`ATTENTION_IMPLEMENTATIONS`."""
+    attention on GPUs (XLA when ``compute_dtype`` is given and is not bf16/fp16: cuDNN has
+    no fp32 kernel) and XLA elsewhere; None is XLA (as everywhere in the model); any other
+    name is returned as is after checking it is one of :data:`ATTENTION_IMPLEMENTATIONS`."""
     if name is None:
         return "xla"
     if name == "auto":
         platform = "gpu" if platform == "cuda" else platform  # cuDNN is NVIDIA's: rocm gets XLA
-        return PLATFORM_ATTENTION.get(platform or "", "xla")
+        impl = PLATFORM_ATTENTION.get(platform or "", "xla")
+        if impl == "cudnn" and compute_dtype is not None and \
+                jnp.dtype(compute_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            impl = "xla"
+        return impl
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r}; choose from "
                          f"{('auto',) + ATTENTION_IMPLEMENTATIONS}")

@@ -176,6 +176,8 @@ def test_resolve_attention_impl_per_platform():
     assert (r("auto", "tpu"), r("auto", "gpu"), r("auto", "cuda"), r("auto", "cpu")) == \
         ("splash", "cudnn", "cudnn", "xla")
     assert r("auto", "rocm") == "xla" and r("auto", None) == "xla"
+    assert r("auto", "gpu", "bfloat16") == r("auto", "gpu", jnp.float16) == "cudnn"
+    assert r("auto", "gpu", "float32") == "xla" and r("auto", "tpu", "float32") == "splash"
     assert r("splash", "cpu") == "splash" and r("reference", "tpu") == "reference" and r(None, "tpu") == "xla"
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         r("flash", "tpu")
