@@ -22,7 +22,7 @@ alignment term's sample mean.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -231,6 +231,102 @@ def student_stage2(params: Params, cfg: StepConfig, batch: Batch, question_feats
     return _next_token_ce(params, cfg, hidden, batch["labels"])
 
 
+# ----------------------------------------------------------------------------- losses
+class LossNormalizers(NamedTuple):
+    """The global normalisers of a loss: real samples and CE target tokens of the whole
+    batch (known before any forward pass, so gradient accumulation stays exact)."""
+
+    samples: jax.Array
+    tokens: jax.Array
+
+
+def mask_padding_samples(batch: Batch) -> Batch:
+    """Padding samples (``sample_mask`` False, a short last batch) carry no targets and no
+    segments. Idempotent."""
+    batch = dict(batch)
+    sample_mask = batch["sample_mask"].astype(bool)
+    batch["labels"] = jnp.where(sample_mask[:, None], batch["labels"], ilvr.IGNORE_INDEX)
+    batch["segment_mask"] = batch["segment_mask"].astype(bool) & sample_mask[:, None]
+    return batch
+
+
+def loss_normalizers(batch: Batch) -> LossNormalizers:
+    """The normalisers of ``batch`` (padding samples masked)."""
+    batch = mask_padding_samples(batch)
+    samples = jnp.maximum(jnp.sum(batch["sample_mask"].astype(bool)), 1).astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(batch["labels"][:, 1:] != ilvr.IGNORE_INDEX), 1).astype(jnp.float32)
+    return LossNormalizers(samples, tokens)
+
+
+def _ce_term(cfg: StepConfig, batch: Batch, ce_sum: jax.Array, ce_cnt: jax.Array,
+             norm: LossNormalizers) -> jax.Array:
+    real = batch["sample_mask"].astype(jnp.float32)
+    if cfg.loss_normalization == "sample":
+        return jnp.sum(real * ce_sum / jnp.maximum(ce_cnt, 1)) / norm.samples
+    return jnp.sum(ce_sum) / norm.tokens
+
+
+def _loss_inputs(params: Params, cfg: StepConfig, batch: Batch, norm, question_feats, position_ids):
+    batch = mask_padding_samples(batch)
+    norm = loss_normalizers(batch) if norm is None else norm
+    if position_ids is None:
+        position_ids, _ = rope.mrope_position_ids(batch["input_ids"], batch["attention_mask"],
+                                                  batch["image_grid_thw"], cfg.model)
+    if question_feats is None:
+        question_feats = _question_features(params, cfg, batch)
+    return batch, norm, question_feats, position_ids
+
+
+def stage1_loss(params: Params, teacher: Params, cfg: StepConfig, batch: Batch, key: jax.Array, *,
+                norm: LossNormalizers | None = None, question_feats: jax.Array | None = None,
+                teacher_question_feats: jax.Array | None = None,
+                position_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Stage-1 loss of the student ``params`` (full tree) with targets chosen by ``teacher``
+    (full tree; no gradient flows into it):
+
+        loss = ce_weight * CE + sim_weight * (1/N) sum_b L_sim_b
+
+    CE = (1/N) sum_b CE_b (token-mean CE of sample b; ``loss_normalization="sample"``, the
+    reference) or sum of token losses / target tokens (``"token"``); N = real samples.
+    ``norm`` overrides N and the token count (the global batch's, under accumulation);
+    ``question_feats`` / ``teacher_question_feats`` / ``position_ids`` may be passed when
+    already computed (frozen vision: student and teacher features are the same). ``key``
+    draws the alignment noise (and the patches of ``target_selection="random"``).
+    Returns (loss, aux) with aux: loss, ce_sum (the CE term), sim_sum (the L_sim term),
+    ce_tokens, pairs, kstar_sum, segments.
+    """
+    batch, norm, q_feats, pos = _loss_inputs(params, cfg, batch, norm, question_feats, position_ids)
+    if teacher_question_feats is None:
+        teacher_question_feats = _question_features(jax.lax.stop_gradient(teacher), cfg, batch)
+    sel = teacher_targets(teacher, cfg, batch, teacher_question_feats, pos, jax.random.fold_in(key, 1))
+    sel = jax.tree.map(jax.lax.stop_gradient, sel)
+    ce_sum, ce_cnt, sim, pairs = student_stage1(params, cfg, batch, q_feats, pos, sel, key)
+    ce_term = _ce_term(cfg, batch, ce_sum, ce_cnt, norm)
+    sim_term = jnp.sum(batch["sample_mask"].astype(jnp.float32) * sim) / norm.samples
+    loss = cfg.ce_weight * ce_term + cfg.sim_weight * sim_term
+    seg = batch["segment_mask"]
+    aux = dict(loss=loss, ce_sum=ce_term, sim_sum=sim_term, ce_tokens=jnp.sum(ce_cnt).astype(jnp.float32),
+               pairs=jnp.sum(pairs).astype(jnp.float32),
+               kstar_sum=jnp.sum(jnp.where(seg, sel.kstar, 0)).astype(jnp.float32),
+               segments=jnp.sum(seg).astype(jnp.float32))
+    return loss, aux
+
+
+def stage2_loss(params: Params, cfg: StepConfig, batch: Batch, *, norm: LossNormalizers | None = None,
+                question_feats: jax.Array | None = None,
+                position_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Stage-2 loss: the CE alone (normalised as in :func:`stage1_loss`, unscaled by
+    ce_weight) of the student with its own last hidden states fed back into the latent
+    pads. Returns (loss, aux) with the keys of :func:`stage1_loss` (sim and K* terms 0)."""
+    batch, norm, q_feats, pos = _loss_inputs(params, cfg, batch, norm, question_feats, position_ids)
+    ce_sum, ce_cnt = student_stage2(params, cfg, batch, q_feats, pos)
+    loss = _ce_term(cfg, batch, ce_sum, ce_cnt, norm)
+    zero = jnp.zeros((), jnp.float32)
+    aux = dict(loss=loss, ce_sum=loss, sim_sum=zero, ce_tokens=jnp.sum(ce_cnt).astype(jnp.float32),
+               pairs=zero, kstar_sum=zero, segments=jnp.sum(batch["segment_mask"]).astype(jnp.float32))
+    return loss, aux
+
+
 # ----------------------------------------------------------------------------- the step
 def _microbatches(batch: Batch, n: int) -> Batch:
     def split(x):
@@ -246,16 +342,12 @@ _SUMS = ("loss", "ce_sum", "ce_tokens", "sim_sum", "kstar_sum", "segments", "tok
 
 def train_step(state: TrainState, batch: Batch, cfg: StepConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule):
-    """One optimizer update on a global batch. Returns (new_state, metrics)."""
-    batch = dict(batch)
-    sample_mask = batch["sample_mask"].astype(bool)
-    # Padding samples (a short last batch) carry no targets and no segments.
-    batch["labels"] = jnp.where(sample_mask[:, None], batch["labels"], ilvr.IGNORE_INDEX)
-    batch["segment_mask"] = batch["segment_mask"].astype(bool) & sample_mask[:, None]
-    # Global normalisers, known before any forward pass (exact under accumulation).
-    n_samples = jnp.maximum(jnp.sum(sample_mask), 1).astype(jnp.float32)
-    n_tokens = jnp.maximum(jnp.sum(batch["labels"][:, 1:] != ilvr.IGNORE_INDEX), 1).astype(jnp.float32)
-
+    """One optimizer update on a global batch: the gradient of the stage's loss
+    (:func:`stage1_loss` / :func:`stage2_loss`, accumulated over micro-batches with the
+    global normalisers), the optimizer update, and in stage 1 the teacher's EMA.
+    Returns (new_state, metrics)."""
+    batch = mask_padding_samples(batch)
+    norm = loss_normalizers(batch)
     trainable, frozen = opt_lib.split_frozen(state.params, cfg.frozen_patterns)
     frozen = jax.lax.stop_gradient(frozen)
     teacher_full = None
@@ -273,39 +365,16 @@ def train_step(state: TrainState, batch: Batch, cfg: StepConfig,
                                                   mb["image_grid_thw"], cfg.model)
         q_shared = (_question_features(opt_lib.merge_params(trainable, frozen), cfg, mb)
                     if vision_frozen else None)
-        sel = None
-        if cfg.stage == 1:
-            q_teacher = q_shared if vision_frozen else _question_features(teacher_full, cfg, mb)
-            sel = teacher_targets(teacher_full, cfg, mb, q_teacher, position_ids,
-                                  jax.random.fold_in(key, 1))
 
         def loss_fn(tr):
             params = opt_lib.merge_params(tr, frozen)
-            q_feats = q_shared if vision_frozen else _question_features(params, cfg, mb)
             if cfg.stage == 1:
-                ce_sum, ce_cnt, sim, pairs = student_stage1(params, cfg, mb, q_feats, position_ids,
-                                                            sel, key)
-            else:
-                ce_sum, ce_cnt = student_stage2(params, cfg, mb, q_feats, position_ids)
-                sim, pairs = jnp.zeros_like(ce_sum), jnp.zeros_like(ce_cnt)
-            real = mb["sample_mask"].astype(jnp.float32)
-            if cfg.loss_normalization == "sample":
-                ce_term = jnp.sum(real * ce_sum / jnp.maximum(ce_cnt, 1)) / n_samples
-            else:
-                ce_term = jnp.sum(ce_sum) / n_tokens
-            sim_term = jnp.sum(real * sim) / n_samples
-            # Stage 2 is CE alone, unscaled (the weights are stage 1's loss mix).
-            loss = cfg.ce_weight * ce_term + cfg.sim_weight * sim_term if cfg.stage == 1 else ce_term
-            aux = dict(loss=loss, ce_sum=ce_term, ce_tokens=jnp.sum(ce_cnt).astype(jnp.float32),
-                       sim_sum=sim_term, pairs=jnp.sum(pairs).astype(jnp.float32))
-            return loss, aux
+                return stage1_loss(params, teacher_full, cfg, mb, key, norm=norm, question_feats=q_shared,
+                                   teacher_question_feats=q_shared, position_ids=position_ids)
+            return stage2_loss(params, cfg, mb, norm=norm, question_feats=q_shared, position_ids=position_ids)
 
         (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         grads_acc = jax.tree.map(jnp.add, grads_acc, g)
-        seg = mb["segment_mask"]
-        aux["kstar_sum"] = (jnp.zeros((), jnp.float32) if sel is None
-                            else jnp.sum(jnp.where(seg, sel.kstar, 0)).astype(jnp.float32))
-        aux["segments"] = jnp.sum(seg).astype(jnp.float32)
         aux["tokens"] = jnp.sum(mb["attention_mask"] * mb["sample_mask"][:, None]).astype(jnp.float32)
         return (grads_acc, jax.tree.map(jnp.add, sums, aux)), None
 

@@ -537,3 +537,36 @@ def test_baseline_target_selections_train_their_targets(tiny_setup, tt, mode):
     step = step_lib.compile_train_step(cfg, tx, sched)
     state, m = step(tt.fresh_state(tiny_setup, cfg, tx), batch)
     assert bool(m["finite"]) and float(m["sim"]) > 0
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_public_stage_losses_are_what_the_step_minimises(tiny_setup, tt, stage):
+    """``stage1_loss`` / ``stage2_loss`` evaluated alone (no update) give the step's loss,
+    and their gradient is the step's update under plain SGD at lr 1."""
+    from ilvr_jax.ilvr import recurrence
+
+    b = tiny_setup.batch
+    starts, ends = recurrence.chunk_bounds(jnp.asarray(b["latent_starts"]), jnp.asarray(b["segment_mask"]),
+                                           tt.K, b["input_ids"].shape[1], jnp.asarray(b["attention_mask"]))
+    later = int((np.asarray(ends) - np.asarray(starts))[:, 1:].max())
+    cfg = tt.step_config(tiny_setup, stage=stage, stage2_chunk_len=(None, later))
+    tx, sched = _sgd()
+    state = tt.fresh_state(tiny_setup, cfg, tx)
+    params = _device(tiny_setup.params)
+    batch = _device(tiny_setup.batch)
+    key = jax.random.split(jax.random.split(state.rng)[1], 1)[0]   # the step's micro-batch key
+
+    def loss(p):
+        if stage == 1:
+            return step_lib.stage1_loss(p, params, cfg, batch, key)[0]
+        return step_lib.stage2_loss(p, cfg, batch)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    new_state, m = step_lib.compile_train_step(cfg, tx, sched)(state, batch)
+    assert abs(float(value) - float(m["loss"])) <= 1e-6 * abs(float(value))
+    trainable, _ = opt_lib.split_frozen(grads, cfg.frozen_patterns)
+    new_tr, _ = opt_lib.split_frozen(jax.device_get(new_state.params), cfg.frozen_patterns)
+    old_tr, _ = opt_lib.split_frozen(tiny_setup.params, cfg.frozen_patterns)
+    step_grad = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), old_tr, new_tr)
+    assert tt.max_abs_diff(step_grad, jax.device_get(trainable)) <= 1e-6 * max(
+        float(np.max(np.abs(x))) for x in jax.tree.leaves(step_grad))
