@@ -274,8 +274,11 @@ def stage_config(stage: int, method: Method, budget: Budget, seed: int, train_pa
     c.data.maze_sizes = tuple(budget.sizes)
     c.data.max_length = budget.max_length
     c.data.buckets = budget.buckets
-    c.data.max_segments = budget.max_segments
-    c.data.max_helper_patches = 256 * budget.max_segments
+    # Stage 2 unrolls one chunk per possible segment: the one-segment and text-only variants
+    # compile (and run) it for one.
+    segments = budget.max_segments if method.data == "interleaved" else 1
+    c.data.max_segments = segments
+    c.data.max_helper_patches = 256 * segments
     c.data.batch_size = budget.batch
     c.ilvr.latent_size = method.latent_size
     c.ilvr.num_candidates = 64     # >= the merged tokens of a 6x6 board (49): every token is a candidate
@@ -296,23 +299,35 @@ def stage_config(stage: int, method: Method, budget: Budget, seed: int, train_pa
     return c
 
 
-def train_run(method: Method, budget: Budget, seed: int, paths: dict, run_dir: str) -> dict:
+def train_stage(c, workdir: str) -> dict:
+    """Trains (or resumes) one stage; a stage whose last checkpoint exists is not touched
+    again (its last logged metrics are returned), so a finished stage survives later
+    changes of the study's settings that only concern the stages still to run."""
     from ilvr_jax.train import loop
+    from ilvr_jax.train.metrics import METRICS_FILE
 
+    if os.path.isdir(os.path.join(workdir, "checkpoints", str(int(c.train.num_steps)))):
+        with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
+            last = [json.loads(line) for line in f if line.strip()][-1]
+        return {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and k != "step"}
+    return loop.train_and_evaluate(c, workdir, print_config=False)
+
+
+def train_run(method: Method, budget: Budget, seed: int, paths: dict, run_dir: str) -> dict:
     train_path = paths[method.data]
     s1 = budget.steps // 2 if method.two_stage else budget.steps
     t0 = time.time()
     c1 = stage_config(1, method, budget, seed, train_path, s1)
-    m1 = loop.train_and_evaluate(c1, os.path.join(run_dir, "stage1"), print_config=False)
-    out = {"stage1": m1, "stage1_steps": s1, "stage1_s": time.time() - t0}
+    out = {"stage1": train_stage(c1, os.path.join(run_dir, "stage1")), "stage1_steps": s1,
+           "stage1_s": time.time() - t0}
     final = os.path.join(run_dir, "stage1")
     if method.two_stage:
         t1 = time.time()
         c2 = stage_config(2, method, budget, seed, train_path, budget.steps - s1)
         c2.train.init_from = final
         final = os.path.join(run_dir, "stage2")
-        out.update(stage2=loop.train_and_evaluate(c2, final, print_config=False), stage2_steps=budget.steps - s1,
-                   stage2_s=time.time() - t1)
+        out.update(stage2=train_stage(c2, final), stage2_steps=budget.steps - s1, stage2_s=time.time() - t1)
     out["final_dir"] = final
     return out
 
@@ -375,11 +390,15 @@ def run_one(study: str, method: Method, budget: Budget, seed: int, paths: dict) 
     run_dir = os.path.join(study, "runs", method.name, f"seed{seed}")
     if not claim_run(run_dir):
         raise RunBusy(f"{run_dir} is being run by another invocation")
-    t0 = time.time()
-    tr = train_run(method, budget, seed, paths, run_dir)
-    t1 = time.time()
-    summary = eval_run(method, budget, seed, paths["test"], tr["final_dir"], os.path.join(run_dir, "eval"))
-    t2 = time.time()
+    try:
+        t0 = time.time()
+        tr = train_run(method, budget, seed, paths, run_dir)
+        t1 = time.time()
+        summary = eval_run(method, budget, seed, paths["test"], tr["final_dir"], os.path.join(run_dir, "eval"))
+        t2 = time.time()
+    except BaseException:
+        os.remove(os.path.join(run_dir, "owner.pid"))   # another invocation may take the run over
+        raise
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "eval", "samples.jsonl"), encoding="utf-8")
                if line.strip()]
     correct = {m: {r["id"]: bool(r["correct"]) for r in samples if r["mode"] == m} for m in summary["modes"]}

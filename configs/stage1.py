@@ -28,7 +28,9 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("model.tiny_shape", "untied_gqa2", "architecture of model.init='tiny' (ilvr_jax.tiny.TINY_SHAPES)"),
     ("model.compute_dtype", "bfloat16", "activations and matmuls: 'bfloat16' or 'float32' (parameters stay fp32)"),
     ("model.remat_policy", "nothing_saveable", "activation checkpointing of the scanned layers (model.layers.REMAT_POLICIES)"),
-    ("model.attn_impl", "xla", "attention kernel: 'xla', 'cudnn' (GPU flash attention) or 'reference'"),
+    ("model.attn_impl", "auto", "attention kernel: 'auto' (splash on TPUs, cudnn on GPUs in bf16, xla elsewhere), "
+                                "'xla', 'cudnn' (GPU flash attention), 'splash' (TPU Pallas kernel; interpret "
+                                "mode on CPU) or 'reference'"),
     ("model.ce_chunk", 1024, "tokens per chunk of the next-token CE computed from the hidden states (no [B, S, V] "
                              "fp32 logits in memory); 0 = full logits"),
     ("model.vocab_resize", "exact", "rows of the embedding/lm_head after adding the latent tokens: 'exact' = "
@@ -105,9 +107,10 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("train.export_at_end", True, "write an HF directory of the final student into WORKDIR/export_hf"),
     ("train.loss_normalization", "sample", "'sample': the reference's mean over samples of token-mean CE; "
                                            "'token': HF's token mean"),
-    ("train.stage2_chunk_len", (0, 0), "stage 2: window widths (first text chunk, later chunks) of the KV-cached "
-                                       "latent recurrence; 0 = the sequence length (always valid). Tight windows "
-                                       "make stage 2 cost about one forward"),
+    ("train.stage2_chunk_len", "auto", "stage 2: window widths of the latent recurrence's text chunks: 'auto' "
+                                       "(the first chunk in a window of the sequence, later chunks in the data's "
+                                       "longest later chunk: about one forward) or 'FIRST,REST' (0 = the sequence "
+                                       "length, always valid but about M+1 forwards)"),
     # mesh
     ("mesh.shape", (1, -1, 1), "(data, fsdp, tensor) device mesh; -1 = all remaining devices"),
     ("mesh.distributed", False, "multi-host: call jax.distributed.initialize() first (TPU pods, GPU clusters)"),
@@ -177,7 +180,6 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.train.log_every = 5
         c.train.checkpoint_every = 20
         c.train.num_steps = 60
-        c.train.stage2_chunk_len = (0, 96)
         c.mesh.shape = (1, 1, 1)
     if preset == "debug":
         c.data.batch_size = 2

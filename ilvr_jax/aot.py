@@ -474,10 +474,12 @@ def suggestions(c, cfg, r: dict) -> list[str]:
     if micro > 1:
         out.append(f"{micro} samples per device per micro-batch: raise optim.grad_accum_steps to "
                    f"{int(c.optim.grad_accum_steps) * micro} (same global batch) or lower data.batch_size")
-    if c.stage == 2 and 0 in tuple(int(w) for w in c.train.stage2_chunk_len):
-        out.append(f"stage 2 with train.stage2_chunk_len={tuple(c.train.stage2_chunk_len)} runs windows of the whole "
-                   "sequence for every latent step: tight windows (e.g. '(2048, 256)') cut its work, though the "
-                   "KV cache carried through every latent step for the backward stays")
+    from ilvr_jax.train import loop
+
+    if c.stage == 2 and loop.stage2_windows(c.train.stage2_chunk_len, None)[1] is None:
+        out.append(f"stage 2 with train.stage2_chunk_len={c.train.stage2_chunk_len!r} runs every later text chunk in "
+                   "a window of the whole sequence: 'auto' (or e.g. '0,256') cuts its work and memory to about "
+                   "one forward")
     if c.model.remat_policy != "nothing_saveable":
         out.append("--config.model.remat_policy=nothing_saveable keeps one activation per layer")
     S = int(c.data.max_length)
@@ -504,6 +506,19 @@ def human_bytes(x: int | None) -> str:
             return f"{x / size:.2f} {unit}"
 
 
+def stage2_windows_text(c) -> str:
+    """The stage-2 text-chunk windows the check compiles (no data here: 'auto' assumes later
+    chunks of ``loop.AOT_LATER_CHUNK`` tokens)."""
+    from ilvr_jax.train import loop
+
+    first, rest = loop.stage2_windows(c.train.stage2_chunk_len, None)
+    text = f"({first or c.data.max_length}, {rest or c.data.max_length})"
+    if str(c.train.stage2_chunk_len).strip() == "auto":
+        text += (f" (train.stage2_chunk_len='auto' takes the data's longest later chunk; {loop.AOT_LATER_CHUNK} "
+                 "assumed here)")
+    return text
+
+
 def format_report(c, r: dict) -> str:
     g = human_bytes
     dp, fsdp, tp = r["mesh"]
@@ -511,7 +526,8 @@ def format_report(c, r: dict) -> str:
              f"({dp}, {fsdp}, {tp}); attention {r.get('attn_impl', c.model.attn_impl)}; stage {c.stage}, "
              f"batch {c.data.batch_size} = {c.optim.grad_accum_steps} x "
              f"{int(c.data.batch_size) // int(c.optim.grad_accum_steps)}, max_length {c.data.max_length}, "
-             f"patches {c.data.max_question_patches}:{c.data.max_helper_patches}, remat {c.model.remat_policy}",
+             f"patches {c.data.max_question_patches}:{c.data.max_helper_patches}, remat {c.model.remat_policy}"
+             + (f", stage-2 windows {stage2_windows_text(c)}" if c.stage == 2 else ""),
              f"state: {g(r['state_bytes'])} in all, {g(r['state_bytes_per_device'])} per device "
              f"(state / devices = {g(r['state_bytes_ideal_per_device'])}); batch {g(r['batch_bytes_per_device'])} "
              f"per device",

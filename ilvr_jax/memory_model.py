@@ -42,7 +42,7 @@ def analytic_memory(c, cfg, mesh_shape, trainable_bytes: int, state_info: dict) 
     per_layer = {"nothing_saveable": D, "full": D,
                  "dots_saveable": D + (hq + 2 * hkv) * hd // tp + 2 * D + 2 * I // tp}
     per_layer["dots_with_no_batch_dims_saveable"] = per_layer["dots_saveable"]
-    scores = 0 if c.model.attn_impl == "cudnn" else 2 * b * (hq // tp) * S * S * (4 + a)
+    scores = 0 if c.model.attn_impl in ("cudnn", "splash") else 2 * b * (hq // tp) * S * S * (4 + a)
     layer = 2 * a * T * (3 * D + (2 * hq + 2 * hkv) * hd // tp + 3 * I // tp) + scores
     saved = L * (layer if c.model.remat_policy == "none" else a * T * per_layer[c.model.remat_policy])
     chunk = b * int(c.model.ce_chunk) if int(c.model.ce_chunk) > 0 else T

@@ -110,6 +110,8 @@ def test_each_method_trains_what_it_claims():
         for c in stages:
             assert (c.data.batch_size, c.data.buckets, c.data.max_length) == (b.batch, "640", 640), name
             assert c.ilvr.latent_size == m.latent_size and c.model.tiny_shape == b.shape
+        for c in stages:   # one segment at most without interleaving (stage 2 unrolls one chunk per segment)
+            assert c.data.max_segments == (8 if m.data == "interleaved" else 1), name
         c1 = stages[0]
         assert c1.ilvr.target_selection == {"mirage": "mean_pool", "ilvr_random": "random"}.get(name, "teacher")
         assert c1.ilvr.ce_weight == (0.1 if name == "mirage" else 1.0)
@@ -160,3 +162,29 @@ def test_report_from_finished_runs(tmp_path):
     section = open(os.path.join(study, "BENCHMARKS_section.md")).read()
     assert "Runs finished: 30 of 33" in section and table.strip() in section
     assert Image.open(os.path.join(study, "paper_claims.png")).size == (1200, 520)
+
+
+def test_a_finished_stage_is_not_trained_again(tmp_path):
+    m = paper_claims.all_methods()["mirage"]
+    c = paper_claims.stage_config(1, m, paper_claims.Budget(), 0, str(tmp_path / "missing.jsonl"), 5)
+    os.makedirs(tmp_path / "stage1" / "checkpoints" / "5")
+    with open(tmp_path / "stage1" / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 4, "ce": 2.0}) + "\n")
+        f.write(json.dumps({"step": 5, "ce": 1.5, "sim": 0.25, "batch_fingerprint": "ab", "finite": True}) + "\n")
+    # The training data does not exist: training would fail; the finished stage is read instead.
+    assert paper_claims.train_stage(c, str(tmp_path / "stage1")) == {"ce": 1.5, "sim": 0.25}
+
+
+def test_runs_are_claimed_by_one_invocation_at_a_time(tmp_path):
+    run = str(tmp_path / "run")
+    assert paper_claims.claim_run(run) and paper_claims.claim_run(run)   # this process, again
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with open(os.path.join(run, "owner.pid"), "w") as f:
+            f.write(str(other.pid))
+        assert not paper_claims.claim_run(run)          # a live process holds it
+    finally:
+        other.kill()
+        other.wait()
+    assert paper_claims.claim_run(run)                  # its lock is stale now
+    assert open(os.path.join(run, "owner.pid")).read() == str(os.getpid())

@@ -67,15 +67,16 @@ def max_chunk_length(latent_starts: np.ndarray, segment_mask: np.ndarray, K: int
 
 
 def chunk_windows(chunk_len: int | tuple[int, int] | None, num_chunks: int, seq_len: int) -> tuple[int, ...]:
-    """Window width of each of the ``num_chunks`` text chunks (None entries = the sequence length)."""
+    """Window width of each of the ``num_chunks`` text chunks (None entries = the sequence
+    length; wider windows are cut to it: no chunk is longer than the sequence)."""
     if chunk_len is None or isinstance(chunk_len, (int, np.integer)):
         first = rest = chunk_len
     else:
         first, rest = chunk_len
-    widths = tuple(seq_len if w is None else int(w) for w in (first,) + (rest,) * (num_chunks - 1))
+    widths = tuple(seq_len if w is None else min(int(w), seq_len) for w in (first,) + (rest,) * (num_chunks - 1))
     for w in widths:
-        if w < 1 or w > seq_len:
-            raise ValueError(f"chunk_len must be in [1, {seq_len}], got {chunk_len}")
+        if w < 1:
+            raise ValueError(f"chunk_len windows must be >= 1, got {chunk_len}")
     return widths
 
 

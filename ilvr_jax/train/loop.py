@@ -24,6 +24,7 @@ from ilvr_jax import ilvr, storage
 from ilvr_jax.checkpoint.latent_tokens import RESIZE_MODES
 from ilvr_jax.model import qwen25vl
 from ilvr_jax.model.config import ModelConfig
+from ilvr_jax.model import layers
 from ilvr_jax.model.layers import REMAT_POLICIES
 from ilvr_jax.train import checkpoints as ckpt_lib
 from ilvr_jax.train import distributed
@@ -69,8 +70,8 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None) ->
     need(c.ilvr.teacher_dtype in DTYPES, f"ilvr.teacher_dtype must be one of {sorted(DTYPES)}")
     need(c.model.remat_policy in REMAT_POLICIES,
          f"model.remat_policy {c.model.remat_policy!r} unknown; choose from {sorted(REMAT_POLICIES)}")
-    need(c.model.attn_impl in ("xla", "cudnn", "reference"),
-         f"model.attn_impl must be xla, cudnn or reference, got {c.model.attn_impl!r}")
+    need(c.model.attn_impl in ("auto",) + layers.ATTENTION_IMPLEMENTATIONS,
+         f"model.attn_impl must be auto, xla, cudnn, splash or reference, got {c.model.attn_impl!r}")
     need(c.model.vocab_resize in RESIZE_MODES,
          f"model.vocab_resize must be one of {RESIZE_MODES}, got {c.model.vocab_resize!r}")
     need(int(c.model.ce_chunk) >= 0, f"model.ce_chunk must be >= 0 (0 = full logits), got {c.model.ce_chunk}")
@@ -98,9 +99,10 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None) ->
          f"train.keep_best_metric must be one of {BEST_METRICS}, got {c.train.keep_best_metric!r}")
     need(int(c.train.keep_checkpoints) >= 0, f"train.keep_checkpoints must be >= 0 (0 = keep all)")
     need(int(c.data.max_length) >= 1, f"data.max_length must be >= 1, got {c.data.max_length}")
-    windows = tuple(c.train.stage2_chunk_len)
-    need(len(windows) == 2 and all(int(w) >= 0 for w in windows),
-         f"train.stage2_chunk_len must be (first, rest) window widths >= 0 (0 = sequence length), got {windows}")
+    try:
+        stage2_windows(c.train.stage2_chunk_len, later_chunk_len=1)
+    except ValueError as e:
+        need(False, str(e))
     need(len(tuple(c.mesh.shape)) == 3, f"mesh.shape must be (data, fsdp, tensor), got {tuple(c.mesh.shape)}")
     # Paths (local or cloud storage; a bucket path needs its storage package installed).
     def usable(key: str, path: str) -> bool:
@@ -147,9 +149,13 @@ def check_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     the devices or the batch."""
     n = jax.device_count()
     platform = jax.default_backend()
-    if c.model.attn_impl == "cudnn" and platform != "gpu":
+    impl = attention_impl(c, platform)
+    if impl == "cudnn" and platform != "gpu":
         raise ConfigError(f"model.attn_impl='cudnn' needs NVIDIA GPUs, this host runs on {platform}; "
-                          "set --config.model.attn_impl=xla")
+                          "set --config.model.attn_impl=auto")
+    if impl == "splash" and platform not in ("tpu", "cpu"):   # cpu: the kernel in Pallas interpret mode
+        raise ConfigError(f"model.attn_impl='splash' is a TPU kernel, this host runs on {platform}; "
+                          "set --config.model.attn_impl=auto")
     shape = [int(s) for s in c.mesh.shape]
     try:
         mesh = mesh_lib.make_mesh(shape)
@@ -271,7 +277,43 @@ def _parse_bucket_patches(text: str):
 
 
 # ----------------------------------------------------------------------------- the run
-def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> step_lib.StepConfig:
+def attention_impl(c: ml_collections.ConfigDict, platform: str) -> str:
+    """``model.attn_impl`` resolved for ``platform`` ('auto': splash on TPUs, cuDNN flash
+    attention on GPUs in bf16/fp16, XLA otherwise: cuDNN has no fp32 kernel)."""
+    return layers.resolve_attention_impl(c.model.attn_impl, platform, c.model.compute_dtype)
+
+
+STAGE2_WINDOW_ROUND = 16
+AOT_LATER_CHUNK = 256   # stage2_chunk_len='auto' without data (the AOT check): later chunks this long
+
+
+def stage2_windows(text, later_chunk_len: int | None) -> tuple[int | None, int | None]:
+    """``train.stage2_chunk_len`` -> the recurrence's (first, rest) windows (None = the
+    sequence length). "auto": the first chunk in a window of the sequence, the later ones
+    in the data's longest later chunk (``later_chunk_len``, from the record sizes) rounded
+    up to a multiple of 16, so the step costs about one forward and every batch fits.
+    "FIRST,REST": given widths, 0 = the sequence length."""
+    text = str(text).strip()
+    if text == "auto":
+        if later_chunk_len is None:
+            later_chunk_len = AOT_LATER_CHUNK
+        rest = -(-max(int(later_chunk_len), 1) // STAGE2_WINDOW_ROUND) * STAGE2_WINDOW_ROUND
+        return None, rest
+    parts = [p.strip() for p in text.strip("()[]").split(",") if p.strip()]
+    try:
+        widths = [int(p) for p in parts]
+    except ValueError:
+        widths = []
+    if len(widths) != 2 or min(widths) < 0:
+        raise ValueError(f"train.stage2_chunk_len must be 'auto' or 'FIRST,REST' window widths >= 0 "
+                         f"(0 = the sequence length), got {text!r}")
+    return tuple(w or None for w in widths)
+
+
+def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                later_chunk_len: int | None = None) -> step_lib.StepConfig:
+    """The compiled step's settings from the config. ``later_chunk_len``: the data's longest
+    stage-2 text chunk after the first (for ``train.stage2_chunk_len='auto'``)."""
     return step_lib.StepConfig(
         model=model_cfg,
         stage=int(c.stage),
@@ -286,11 +328,11 @@ def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> step_li
         compute_dtype=DTYPES[c.model.compute_dtype],
         teacher_dtype=DTYPES[c.ilvr.teacher_dtype],
         remat_policy=c.model.remat_policy,
-        attn_impl=None if c.model.attn_impl == "xla" else c.model.attn_impl,
+        attn_impl=attention_impl(c, jax.default_backend()),
         frozen_patterns=tuple(c.optim.frozen),
         nan_policy=c.train.nan_policy,
         loss_normalization=c.train.loss_normalization,
-        stage2_chunk_len=tuple(int(w) or None for w in c.train.stage2_chunk_len),
+        stage2_chunk_len=stage2_windows(c.train.stage2_chunk_len, later_chunk_len),
         ce_chunk=int(c.model.ce_chunk),
         target_selection=str(c.ilvr.target_selection),
     )
@@ -368,7 +410,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
     tx, schedule = opt_lib.make_optimizer(lr=float(c.optim.lr), weight_decay=float(c.optim.weight_decay),
                                           warmup_steps=int(c.optim.warmup_steps), total_steps=total_steps,
                                           clip_norm=float(c.optim.clip_norm), schedule=c.optim.schedule)
-    scfg = step_config(c, model_cfg)
+    scfg = step_config(c, model_cfg, later_chunk_len=max(
+        [it.size.later_chunk_len or 0 for it in pipe.items], default=0))
+    if scfg.stage == 2:
+        logger.info("stage-2 text-chunk windows (first, later): %s", scfg.stage2_chunk_len)
 
     # Abstract state -> shardings; restore or initialise.
     param_shapes = jax.eval_shape(lambda: qwen25vl.init_params(model_cfg, jax.random.PRNGKey(0)))

@@ -104,12 +104,15 @@ def test_chunk_bounds_and_max_chunk_length(setup):
     assert recurrence.max_chunk_length(np.asarray(ls), np.asarray(sm), K, S, np.asarray(am)) == 24
 
 
-def test_chunk_len_out_of_range_is_rejected(setup):
+def test_chunk_len_below_one_is_rejected_and_wider_is_cut_to_the_sequence(setup):
     cfg, params, embeds, am, pos, ls, sm = setup
-    for bad in (0, S + 1):
+    for bad in (0, (S, 0)):
         with pytest.raises(ValueError, match="chunk_len"):
             recurrence.latent_recurrence_forward(params["text"], cfg.text, embeds, am, pos, ls, sm, K,
                                                  chunk_len=bad)
+    # One window for the whole run may exceed a short bucket's length: it means the sequence.
+    assert recurrence.chunk_windows((None, S + 40), 3, S) == (S, S, S)
+    assert recurrence.chunk_windows((S + 1, 16), 3, S) == (S, 16, 16)
 
 
 def test_check_chunk_len_names_the_sample(setup):

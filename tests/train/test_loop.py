@@ -165,3 +165,19 @@ def test_a_run_in_a_bucket_resumes_and_matches_a_local_run(tmp_path, cache_dir):
         if name == "data/train.jsonl":   # images stay where the source records are
             want = want.replace(mazes, "gs://data/mazes")
         assert open(os.path.join(exported, name)).read() == want, name
+
+
+def test_stage2_windows_auto_from_the_data_and_given_widths():
+    from ilvr_jax.train import loop as loop_lib
+
+    # auto: the first chunk in a window of the sequence, later ones in the data's longest, rounded up
+    assert loop_lib.stage2_windows("auto", later_chunk_len=28) == (None, 32)
+    assert loop_lib.stage2_windows("auto", later_chunk_len=32) == (None, 32)
+    assert loop_lib.stage2_windows("auto", later_chunk_len=0) == (None, 16)     # no segments anywhere
+    assert loop_lib.stage2_windows("auto", later_chunk_len=None) == (None, loop_lib.AOT_LATER_CHUNK)
+    assert loop_lib.stage2_windows("0,96", later_chunk_len=28) == (None, 96)
+    assert loop_lib.stage2_windows("(2048, 256)", later_chunk_len=28) == (2048, 256)
+    assert loop_lib.stage2_windows("0,0", later_chunk_len=28) == (None, None)
+    for bad in ("", "auto,3", "1,2,3", "-1,5", "x"):
+        with pytest.raises(ValueError, match="train.stage2_chunk_len must be 'auto' or 'FIRST,REST'"):
+            loop_lib.stage2_windows(bad, later_chunk_len=28)

@@ -163,7 +163,7 @@ def test_bad_value_fails_with_one_message_before_any_work(tmp_path):
     ({"train.keep_best_metric": "accuracy"}, "train.keep_best_metric"),
     ({"data.batch_size": 3, "optim.grad_accum_steps": 2}, "must be divisible by optim.grad_accum_steps"),
     ({"mesh.shape": (1, 1)}, "mesh.shape must be (data, fsdp, tensor)"),
-    ({"train.stage2_chunk_len": (0, -1)}, "train.stage2_chunk_len must be (first, rest)"),
+    ({"train.stage2_chunk_len": "0,-1"}, "train.stage2_chunk_len must be 'auto' or 'FIRST,REST'"),
     ({"data.adapter": "canonical", "data.train_path": "/no/such/file.jsonl"}, "data.train_path: /no/such/file.jsonl does not exist"),
     ({"data.adapter": "canonical", "data.train_path": ""}, "data.train_path is required"),
     ({"data.image_root": "/no/such/dir"}, "data.image_root: /no/such/dir is not a directory"),
