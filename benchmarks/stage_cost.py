@@ -1,0 +1,105 @@
+"""Stage 2 vs stage 1 on the same batch: step time and compiled memory of the tiny model on CPU.
+
+    python benchmarks/stage_cost.py [--batch 8] [--steps 10] [--latent-size 8] [--segments 3]
+
+The batch is real (generated mazes through ``DataPipeline``, ``--segments`` latent segments
+of K = ``--latent-size`` each). Stage 2 runs with the default windows (every text chunk in a
+window of the whole sequence), with the first chunk's window the whole sequence and the
+later ones tight (what ``train.stage2_chunk_len='auto'`` picks from the data), and with
+both tight (the batch's longest first chunk and longest later chunk, see
+``ilvr.recurrence.chunk_bounds``). For each variant: the median
+step time, its ratio to stage 1, and the temporaries of the compiled step
+(``memory_analysis``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--latent-size", type=int, default=8)
+    ap.add_argument("--segments", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=512)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ilvr_jax import tiny
+    from ilvr_jax.checkpoint.latent_tokens import add_latent_tokens
+    from ilvr_jax.data import maze
+    from ilvr_jax.data.pipeline import DataConfig, DataPipeline
+    from ilvr_jax.ilvr import recurrence
+    from ilvr_jax.model import qwen25vl
+    from ilvr_jax.model.config import ModelConfig
+    from ilvr_jax.train import optimizer as opt_lib
+    from ilvr_jax.train import step as step_lib
+
+    K, L, M = args.latent_size, 8, args.segments
+    work = tempfile.mkdtemp(prefix="stage_cost_")
+    tok = tiny.build_tokenizer()
+    cfg = ModelConfig.from_hf(tiny.hf_config(tok, "untied_gqa2", latent_size=K))
+    params = jax.tree.map(np.asarray, jax.jit(qwen25vl.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0)))
+    tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K)
+    tok.save_pretrained(os.path.join(work, "tok"))
+    path = maze.generate_maze_dataset(os.path.join(work, "maze"), n=4 * args.batch, seed=0,
+                                      sizes=(3, 4), cell_px=20)
+    dc = DataConfig(batch_size=args.batch, max_length=args.max_length, max_question_patches=64,
+                    max_helper_patches=64 * M, max_segments=M, latent_size=K, min_pixels=28 * 28,
+                    max_pixels=16 * 28 * 28, shuffle=False, drop_policy="skip")
+    host = next(iter(DataPipeline.from_jsonl(path, os.path.join(work, "tok"), dc).iterator()))
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    s = host["input_ids"].shape[1]
+    starts, ends = recurrence.chunk_bounds(batch["latent_starts"], batch["segment_mask"], K, s,
+                                           batch["attention_mask"])
+    lengths = np.asarray(ends - starts)
+    tight = (int(lengths[:, 0].max()), int(max(lengths[:, 1:].max(), 1)))
+    segs = np.asarray(host["segment_mask"]).sum(1)
+    tx, sched = opt_lib.make_optimizer(lr=1e-4, warmup_steps=0, total_steps=1000)
+
+    def measure(scfg):
+        state = step_lib.init_train_state(jax.tree.map(jnp.asarray, params), tx, scfg, jax.random.PRNGKey(0))
+        step = step_lib.compile_train_step(scfg, tx, sched)
+        mem = step.lower(state, batch).compile().memory_analysis()
+        temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, m = step(state, batch)
+            jax.block_until_ready((state, m))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)), temp, float(m["loss"])
+
+    print(f"tiny untied_gqa2, batch {args.batch} x {s} tokens, K={K}, segments per row {segs.tolist()}, "
+          f"tight windows {tight}, {os.cpu_count()} host CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+    base = step_lib.StepConfig(model=cfg, stage=1, latent_size=K, num_candidates=L)
+    variants = [("stage 1", base),
+                ("stage 2, default windows", step_lib.StepConfig(model=cfg, stage=2, latent_size=K,
+                                                                 num_candidates=L)),
+                (f"stage 2, windows {(s, tight[1])}", step_lib.StepConfig(
+                    model=cfg, stage=2, latent_size=K, num_candidates=L, stage2_chunk_len=(None, tight[1]))),
+                (f"stage 2, windows {tight}", step_lib.StepConfig(model=cfg, stage=2, latent_size=K,
+                                                                  num_candidates=L, stage2_chunk_len=tight))]
+    t1 = None
+    for name, scfg in variants:
+        t, temp, loss = measure(scfg)
+        t1 = t1 or t
+        mib = f"{temp / 2**20:8.1f} MiB" if temp is not None else "n/a"
+        print(f"{name:34s} step median {1e3 * t:8.1f} ms  ({t / t1:4.2f}x stage 1)  temporaries {mib}  "
+              f"loss {loss:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
