@@ -1,6 +1,8 @@
 """The Colab notebooks, executed top to bottom on CPU as CI (``ILVR_NOTEBOOK_CI=1``: the package
 is installed already, fewer steps), each from an empty working directory, in a kernel running
-this interpreter. Each test checks the files the notebook says it makes."""
+this interpreter. Each test checks the files the notebook says it makes. The install cell
+(where the package comes from, set in the cell before it) is checked alone with the commands
+it would run recorded instead of run."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def kernel_env(tmp_path, monkeypatch):
         "display_name": "ilvr_jax CI", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("ILVR_NOTEBOOK_CI", "1")
-    monkeypatch.setenv("ILVR_REPO_DIR", REPO)
+    monkeypatch.setenv("ILVR_SOURCE", REPO)   # the notebooks run from an empty directory, outside the checkout
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     # The suite's 8 fake host devices would not fit the notebooks' single-device presets.
     monkeypatch.delenv("XLA_FLAGS", raising=False)
@@ -91,3 +93,67 @@ def test_finetune_trains_both_stages_evaluates_exports_and_reloads_in_transforme
     assert {"latent_pad_token_id", "latent_start_token_id", "latent_end_token_id"} <= set(config)
     text = _text(nb)
     assert "verdict: FITS" in text and "logits shape: (1, " in text
+
+
+# ----------------------------------------------------------------------------- install cell
+NOTEBOOKS = ("quickstart.ipynb", "finetune.ipynb")
+
+
+def _tagged(name: str, tag: str) -> str:
+    with open(os.path.join(REPO, "colab", name), encoding="utf-8") as f:
+        cells = [c for c in json.load(f)["cells"] if tag in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{name}: expected one cell tagged {tag!r}"
+    return "".join(cells[0]["source"])
+
+
+def _install(name: str, source: str | None = None, *, ci: bool = False) -> tuple[dict, list[tuple[str, ...]]]:
+    """Runs the notebook's setting cell (``ILVR_SOURCE`` replaced by ``source`` unless None)
+    and install cell with ``sh`` recording the commands; returns (namespace, commands)."""
+    commands: list[tuple[str, ...]] = []
+    ns = {"os": os, "sys": sys, "subprocess": subprocess, "CI": ci, "sh": lambda *cmd: commands.append(cmd)}
+    exec(_tagged(name, "setting"), ns)
+    assert ns["ILVR_SOURCE"] == "", f"{name}: the setting cell must ship empty"
+    if source is not None:
+        ns["ILVR_SOURCE"] = source
+    exec(_tagged(name, "install").split("\nprint(\"ilvr_jax checkout:\"")[0], ns)   # up to REPO_DIR
+    return ns, commands
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_takes_the_checkout_around_the_notebook_a_path_or_a_git_url(name, tmp_path, monkeypatch):
+    monkeypatch.delenv("ILVR_SOURCE", raising=False)
+    pip = (sys.executable, "-m", "pip", "install", "-q", "-e")
+    # Opened from colab/ of a checkout: that checkout, editable with the tpu extra.
+    monkeypatch.chdir(os.path.join(REPO, "colab"))
+    ns, cmds = _install(name)
+    assert ns["REPO_DIR"] == REPO and cmds[0] == pip + (f"{REPO}[tpu]",)
+    # A checkout's path, from anywhere.
+    monkeypatch.chdir(tmp_path)
+    ns, cmds = _install(name, REPO)
+    assert ns["REPO_DIR"] == REPO and cmds[0] == pip + (f"{REPO}[tpu]",)
+    # A git URL (pip's git+ form too): cloned into ./ilvr_jax, which is installed.
+    for url in ("https://example.org/team/ilvr_jax.git", "git+https://example.org/team/ilvr_jax.git"):
+        ns, cmds = _install(name, url)
+        clone = str(tmp_path / "ilvr_jax")
+        assert ns["REPO_DIR"] == clone
+        assert cmds[:2] == [("git", "clone", "https://example.org/team/ilvr_jax.git", clone), pip + (f"{clone}[tpu]",)]
+    # CI: the package is installed already; the checkout is found, nothing runs.
+    ns, cmds = _install(name, REPO, ci=True)
+    assert ns["REPO_DIR"] == REPO and cmds == []
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_without_a_source_outside_a_checkout_says_what_to_set(name, tmp_path, monkeypatch):
+    monkeypatch.delenv("ILVR_SOURCE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception) as e:
+        _install(name)
+    assert type(e.value).__name__ == "SetupError"
+    msg = str(e.value)
+    assert "\n" not in msg and "ILVR_SOURCE is empty" in msg and str(tmp_path) in msg and "git URL" in msg
+    with pytest.raises(Exception, match=r"ILVR_SOURCE = .*: not an ilvr_jax checkout"):
+        _install(name, str(tmp_path))
+    # $ILVR_SOURCE fills an empty setting.
+    monkeypatch.setenv("ILVR_SOURCE", REPO)
+    ns, _ = _install(name)
+    assert ns["REPO_DIR"] == REPO
