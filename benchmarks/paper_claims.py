@@ -293,8 +293,8 @@ def stage_config(stage: int, method: Method, budget: Budget, seed: int, train_pa
     c.train.checkpoint_every = max(1, steps // 4)   # a killed study loses at most a quarter of a stage
     c.train.keep_checkpoints = 1
     c.train.export_at_end = False
-    # Stage 2's later text chunks: a move's text is at most about 40 tokens between two
-    # segments; Mirage's one segment is followed by the whole reasoning (one window of S).
+    # Stage 2's later text chunks in windows of the data's longest one (a move's text between
+    # two segments; for Mirage's one segment the whole reasoning after it).
     c.train.stage2_chunk_len = "auto"
     return c
 
