@@ -52,9 +52,14 @@ of compute per step idle), so the wider model; the compile of each stage (minute
 host, about 30-60 s idle; stage 2's program grows with ``data.max_segments``) costs about as
 much as the 200 steps. The records' question is a short form of ``maze.QUESTION_TEMPLATE``
 (``STUDY_QUESTION``, 73 instead of 236 tokens): a model trained from scratch learns nothing
-from the wording, and the long prompt was half of every sequence. One run (train + eval)
-was estimated at about 3-4 minutes on 2 idle cores, the 33 runs at about 2 hours; the
-chance check in the table says whether text-only SFT clears chance at this budget.
+from the wording, and the long prompt was half of every sequence. Text-only SFT's run
+took about 5 CPU-minutes in all (200 steps, compile and the 400-maze evaluation; 50 minutes
+of wall time at nice 10 on the loaded host), so about 3-4 minutes on 2 idle cores and the 33
+runs about 2 hours. At this budget text-only SFT did NOT beat chance (7.5 % against 9.0 %
+for the best constant answer, seed 0): its answers name the right start cell in 5 % of the
+mazes, i.e. the model does not read the board yet (the table's "start cell read" column
+shows this for every method); more steps, or a trainable vision tower, are what the next
+budget should try (``--steps``; the chance check prints a warning line until it clears).
 
 Several invocations of the same command may share one study directory (e.g. one per free
 core): each run is claimed with ``runs/METHOD/seedN/owner.pid`` while it trains.
@@ -73,6 +78,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -448,6 +454,34 @@ def bootstrap_difference(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int 
     return float(a.mean() - b.mean()), float(lo), float(hi)
 
 
+_FROM = re.compile(r"from \((\d+), (\d+)\)")
+
+
+def answer_diagnostics(study: str, name: str, seed: int, test: list[dict]) -> dict[str, float] | None:
+    """What the normal-mode answers get right short of solving the maze: the start cell named
+    in the first move's text (does the model read the board?), a parsable \\boxed{} answer,
+    and how the walks end."""
+    from ilvr_jax.data import maze
+
+    maps = {r["id"]: r["map_desc"] for r in test}
+    path = os.path.join(study, "runs", name, f"seed{seed}", "eval", "samples.jsonl")
+    if not os.path.isfile(path):   # a result file without its run directory
+        return None
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    rows = [r for r in rows if r["mode"] == "normal" and r["id"] in maps]
+    start = parsed = 0
+    ends = {maze.REACHED_GOAL: 0, maze.FELL_IN_HOLE: 0, maze.LEFT_GRID: 0, maze.STOPPED_SHORT: 0}
+    for r in rows:
+        m = _FROM.search(r["output"])
+        start += bool(m) and (int(m.group(1)), int(m.group(2))) == maze.find_cell(maps[r["id"]], maze.START)
+        moves = maze.parse_answer(r["output"])
+        if moves is not None:
+            parsed += 1
+            ends[maze.simulate(maps[r["id"]], moves).outcome] += 1
+    n = max(1, len(rows))
+    return {"start_cell_read": start / n, "parsable": parsed / n, **{k: v / n for k, v in ends.items()}}
+
+
 def aggregate(study: str, methods: dict[str, Method], budget: Budget, chance: dict, test_path: str) -> dict:
     test = [json.loads(line) for line in open(test_path, encoding="utf-8") if line.strip()]
     ids = [r["id"] for r in test]
@@ -486,6 +520,9 @@ def aggregate(study: str, methods: dict[str, Method], budget: Budget, chance: di
             entry["train_s"] = float(np.mean([r["train_s"] for r in runs]))
             entry["eval_s"] = float(np.mean([r["eval_s"] for r in runs]))
             entry["mean_latent_spans"] = float(np.mean([r["mean_latent_spans"] for r in runs]))
+            reads = [d for d in (answer_diagnostics(study, name, r["seed"], test) for r in runs) if d]
+            if reads:
+                entry["answers"] = {k: float(np.mean([d[k] for d in reads])) for k in reads[0]}
             last = [r["train"].get("stage2", r["train"]["stage1"]) for r in runs]
             entry["final_ce"] = float(np.mean([x.get("ce", np.nan) for x in last]))
             s1 = [r["train"]["stage1"] for r in runs]
@@ -527,8 +564,8 @@ def markdown_table(agg: dict, budget: Budget) -> str:
     g = agg["grid_names"]
     ch = agg["chance"]
     head = ["method", "seeds", "accuracy % [95% CI]", "vs text-only, pts [95% CI]"] + [f"{x} %" for x in g] + \
-        [f"latents {budget.ablation} %", "change, pts [95% CI]", "latent spans / answer", "final CE",
-         "wall s / run"]
+        [f"latents {budget.ablation} %", "change, pts [95% CI]", "latent spans / answer", "start cell read %",
+         "parsable %", "final CE", "wall s / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in agg["methods"].items():
         done = len(e["seeds_done"])
@@ -540,14 +577,16 @@ def markdown_table(agg: dict, budget: Budget) -> str:
         abl = pct(e.get(budget.ablation)) if budget.ablation in e else "-"
         row = [e["label"], seeds, pct(n), diff(e.get("vs_text_sft"))] + \
             [f"{100 * n['by_grid'][x]['accuracy']:.1f}" for x in g] + \
-            [abl, diff(e.get("ablation_change")), f"{e['mean_latent_spans']:.2f}", f"{e['final_ce']:.3f}",
-             f"{e['wall_s']:.0f}"]
+            [abl, diff(e.get("ablation_change")), f"{e['mean_latent_spans']:.2f}",
+             *([f"{100 * e['answers'][k]:.1f}" for k in ("start_cell_read", "parsable")] if "answers" in e
+               else ["n/a", "n/a"]),
+             f"{e['final_ce']:.3f}", f"{e['wall_s']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     for key, label in (("random_moves", "chance: random moves of the true length"),
                        ("constant_answer", f"chance: constant answer {ch['constant_answer']['answer']}")):
         c = ch[key]
         row = [label, "-", f"{100 * c['accuracy']:.1f}", "-"] + [f"{100 * c['by_grid'][x]:.1f}" for x in g] + \
-            ["-"] * 5
+            ["-"] * 7
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
