@@ -53,6 +53,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, "TPU topology (v5p-8, v5e-16, v5p:2x2x1, ...) or GPUs (h100-8); "
                     "default: the preset's")
 flags.DEFINE_bool("json", False, "print the report as one JSON object")
+flags.DEFINE_bool("generate", False, "check the evaluation's generation (prefill + the compiled decode loop "
+                  "of train.eval_batch_size rows, data.max_length prompt tokens, train.eval_max_new_tokens new "
+                  "ones) instead of the train step")
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_CONFIG = 0, 1, 2
 GiB = 2**30
@@ -418,6 +421,114 @@ def compile_tpu(c, cfg, topo_name: str) -> dict:
     return report
 
 
+def generation_inputs(c, cfg, mesh):
+    """(decode config, abstract params, abstract prompt batch, cache length, decode steps) of the
+    evaluation's generation, laid out on ``mesh`` as the evaluation lays them (parameters as in
+    training, rows over the batch axes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ilvr_jax import sharding
+    from ilvr_jax.generate import sampler
+    from ilvr_jax.ilvr.latent_decoding import LatentIds
+    from ilvr_jax.model import qwen25vl
+    from ilvr_jax.train import loop
+
+    params = jax.eval_shape(lambda: qwen25vl.init_params(cfg, jax.random.PRNGKey(0)))
+    names = qwen25vl.param_axes(cfg)
+    params = jax.tree.map(lambda a, n: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                            sharding=sharding.named_sharding(mesh, n, a.shape)),
+                          params, names, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    dtype = loop.DTYPES[c.model.compute_dtype]
+    dcfg = sampler.DecodeConfig(
+        latent_ids=LatentIds(cfg.latent_pad_token_id, cfg.latent_start_token_id, cfg.latent_end_token_id),
+        latent_size=int(c.ilvr.latent_size), pad_id=0, dtype=dtype,
+        attn_impl=loop.attention_impl(c, "tpu"))
+    b, s = int(c.train.eval_batch_size), int(c.data.max_length)
+    pq, n_img = int(c.data.max_question_patches), max(int(c.data.max_question_images), 1)
+
+    def rows(shape, dt):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding.named_sharding(
+            mesh, ("batch",) + (None,) * (len(shape) - 1), shape))
+
+    batch = sampler.PromptBatch(rows((b, s), jnp.int32), rows((b, s), jnp.int32),
+                                rows((b, pq, cfg.vision.patch_dim), jnp.float32), rows((b, n_img, 3), jnp.int32))
+    steps = sampler.bucket(int(c.train.eval_max_new_tokens), 8)
+    return dcfg, params, batch, sampler.cache_length(s, steps), steps
+
+
+def compile_generation_tpu(c, cfg, topo_name: str) -> dict:
+    """Compile the evaluation's generation (one program: prefill, then the decode loop on its
+    cache) for the topology: per-chip memory as for the train step."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from ilvr_jax import sharding
+    from ilvr_jax.generate import sampler
+    from ilvr_jax.train import mesh as mesh_lib
+
+    topo = load_topology(topo_name)
+    devices = list(topo.devices)
+    mesh_shape = resolve_mesh_shape(c, len(devices))
+    mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
+    kind = devices[0].device_kind
+    hbm = probe_hbm_bytes(mesh) or int(TPU_HBM_GIB.get(kind, 0) * GiB) or None
+    dcfg, params, batch, cache_len, steps = generation_inputs(c, cfg, mesh)
+
+    def generate(params, batch, budgets, stop_ids, key):
+        with sharding.activation_mesh(mesh):
+            logits, hidden, cache, deltas = sampler.prefill(params, cfg, dcfg, batch, cache_len)
+            out, _ = sampler.decode_loop(params, cfg, dcfg, steps, cache, logits, hidden, deltas,
+                                         batch.input_ids[:, -1], budgets, stop_ids, key,
+                                         jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+        return out
+
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    b = batch.input_ids.shape[0]
+    budgets = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding.named_sharding(mesh, ("batch",), (b,)))
+    args = (params, batch, budgets,
+            jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep),
+            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+    leaves = jax.tree.leaves(args)
+    report = dict(target=topo_name, device_kind=kind, devices=len(devices), mesh=mesh_shape, hbm_bytes=hbm,
+                  source="compiler", program="generation", rows=b, prompt_tokens=int(c.data.max_length),
+                  new_tokens=steps, state_bytes=sum(_nbytes(a) for a in jax.tree.leaves(params)),
+                  state_bytes_per_device=sum(_shard_nbytes(a) for a in jax.tree.leaves(params)),
+                  state_bytes_ideal_per_device=sum(_nbytes(a) for a in jax.tree.leaves(params)) // len(devices),
+                  batch_bytes_per_device=sum(_shard_nbytes(a) for a in leaves) - sum(
+                      _shard_nbytes(a) for a in jax.tree.leaves(params)),
+                  replicated_large_leaves=len(replicated_large_leaves(params)),
+                  replicated_examples=[n for n, _ in replicated_large_leaves(params)[:3]])
+    t0 = time.time()
+    lowered = jax.jit(generate).lower(*args)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 (XLA's JaxRuntimeError)
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "exceeds available HBM" not in msg:
+            raise
+        m = _OOM_RE.search(msg)
+        temps = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+        report.update(compile_s=round(time.time() - t0, 1), fits=False, oom_message=msg.strip().splitlines()[0],
+                      oom_temp_bytes=temps, needed_bytes=None if temps is None else
+                      temps + report["state_bytes_per_device"] + report["batch_bytes_per_device"])
+        return report
+    ma = compiled.memory_analysis()
+    mem = dict(argument_bytes=ma.argument_size_in_bytes, output_bytes=ma.output_size_in_bytes,
+               alias_bytes=ma.alias_size_in_bytes, temp_bytes=ma.temp_size_in_bytes,
+               generated_code_bytes=ma.generated_code_size_in_bytes)
+    peak = getattr(ma, "peak_memory_in_bytes", None)
+    mem["compiler_peak_bytes"] = int(peak) if peak else (
+        mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
+        + mem["generated_code_bytes"])
+    mem["peak_bytes"] = mem["compiler_peak_bytes"]
+    report.update(mem, unused_input_bytes=0, compile_s=round(time.time() - t0, 1))
+    report["fits"] = hbm is None or mem["peak_bytes"] <= hbm
+    return report
+
+
 def _unused_input_bytes(lowered, args) -> int:
     """Per-device bytes of the inputs jit dropped from the executable because the step does
     not read them (stage 2's helper images): the compiler does not count them, yet the
@@ -522,12 +633,15 @@ def stage2_windows_text(c) -> str:
 def format_report(c, r: dict) -> str:
     g = human_bytes
     dp, fsdp, tp = r["mesh"]
+    generation = r.get("program") == "generation"
+    head = (f"generation: {r.get('rows')} rows, {r.get('prompt_tokens')} prompt tokens + {r.get('new_tokens')} new, "
+            f"patches {c.data.max_question_patches} per row" if generation else
+            f"stage {c.stage}, batch {c.data.batch_size} = {c.optim.grad_accum_steps} x "
+            f"{int(c.data.batch_size) // int(c.optim.grad_accum_steps)}, max_length {c.data.max_length}, "
+            f"patches {c.data.max_question_patches}:{c.data.max_helper_patches}, remat {c.model.remat_policy}"
+            + (f", stage-2 windows {stage2_windows_text(c)}" if c.stage == 2 else ""))
     lines = [f"target: {r['target']} ({r['devices']} x {r['device_kind']}), mesh (data, fsdp, tensor) = "
-             f"({dp}, {fsdp}, {tp}); attention {r.get('attn_impl', c.model.attn_impl)}; stage {c.stage}, "
-             f"batch {c.data.batch_size} = {c.optim.grad_accum_steps} x "
-             f"{int(c.data.batch_size) // int(c.optim.grad_accum_steps)}, max_length {c.data.max_length}, "
-             f"patches {c.data.max_question_patches}:{c.data.max_helper_patches}, remat {c.model.remat_policy}"
-             + (f", stage-2 windows {stage2_windows_text(c)}" if c.stage == 2 else ""),
+             f"({dp}, {fsdp}, {tp}); attention {r.get('attn_impl', c.model.attn_impl)}; {head}",
              f"state: {g(r['state_bytes'])} in all, {g(r['state_bytes_per_device'])} per device "
              f"(state / devices = {g(r['state_bytes_ideal_per_device'])}); batch {g(r['batch_bytes_per_device'])} "
              f"per device",
@@ -539,17 +653,19 @@ def format_report(c, r: dict) -> str:
                      f"{g(r['generated_code_bytes'])}; peak {g(r['compiler_peak_bytes'])}"
                      + (f" + {g(r['unused_input_bytes'])} of batch inputs the step does not read"
                         if r["unused_input_bytes"] else "")
-                     + f" = {g(r['peak_bytes'])} of {g(r['hbm_bytes'])} HBM "
-                     f"(compiled in {r['compile_s']} s; the analytic estimate says {g(r['estimated_peak_bytes'])})")
+                     + f" = {g(r['peak_bytes'])} of {g(r['hbm_bytes'])} HBM (compiled in {r['compile_s']} s"
+                     + (f"; the analytic estimate says {g(r['estimated_peak_bytes'])})" if not generation else ")"))
     elif r["source"] == "compiler":
-        lines.append(f"compiler: {r['oom_message']} (the analytic estimate says {g(r['estimated_peak_bytes'])})")
+        lines.append(f"compiler: {r['oom_message']}" + (
+            f" (the analytic estimate says {g(r['estimated_peak_bytes'])})" if not generation else ""))
     else:
         parts = ", ".join(f"{k} {g(v)}" for k, v in r["estimate_parts"].items())
         lines.append(f"per device (analytic estimate, not a compile): {parts}; peak {g(r['peak_bytes'])} of "
                      f"{g(r['hbm_bytes'])} (JAX on GPU preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION "
                      "is raised, e.g. to 0.95)")
-    lines.append(f"analytic FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_step'] / r['devices']:.3e} "
-                 f"per device)")
+    if not generation:
+        lines.append(f"analytic FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_step'] / r['devices']:.3e} "
+                     f"per device)")
     if r["fits"]:
         free = (r["hbm_bytes"] - r["peak_bytes"]) if r["hbm_bytes"] else None
         lines.append(f"verdict: FITS (peak {g(r['peak_bytes'])} of {g(r['hbm_bytes'])} per device, {g(free)} free)")
@@ -564,8 +680,9 @@ def format_report(c, r: dict) -> str:
     return "\n".join(lines)
 
 
-def fit_check(c, target: str) -> dict:
-    """The whole check for config ``c`` on ``target`` (a --topology value): the report dict."""
+def fit_check(c, target: str, generate: bool = False) -> dict:
+    """The whole check for config ``c`` on ``target`` (a --topology value): the report dict.
+    ``generate``: the evaluation's generation instead of the train step (TPU targets)."""
     from ilvr_jax.train import metrics as metrics_lib
 
     kind, name, count = resolve_target(target)
@@ -573,6 +690,17 @@ def fit_check(c, target: str) -> dict:
     validate(c)
     c = with_attention_impl(c, impl)
     cfg = model_config(c)
+    if generate:
+        if kind != "tpu":
+            raise ConfigError("--generate compiles for TPU topologies only (GPUs have the analytic train-step "
+                              "estimate alone)")
+        r = compile_generation_tpu(c, cfg, name)
+        r.update(stage=int(c.stage), attn_impl=impl, mesh=list(r["mesh"]),
+                 verdict="FITS" if r["fits"] else "DOES NOT FIT")
+        r["suggestions"] = [] if r["fits"] else [
+            "lower train.eval_batch_size, data.max_length or train.eval_max_new_tokens (the KV cache grows with "
+            "rows x (prompt + new tokens)), or spread the rows over more chips (data x fsdp)"]
+        return r
     r = compile_tpu(c, cfg, name) if kind == "tpu" else estimate_gpu(c, cfg, name, count)
     r["stage"] = int(c.stage)
     r["attn_impl"] = impl
@@ -595,7 +723,7 @@ def main(argv):
         if not target:
             raise ConfigError("no --topology and the preset names none: pass e.g. --topology=v5p-8 "
                               "(or v5e-16, v5p:2x2x1, h100-8)")
-        report = fit_check(config, target)
+        report = fit_check(config, target, generate=FLAGS.generate)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)

@@ -255,3 +255,30 @@ def test_impossible_setting_reports_does_not_fit(libtpu):
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("verdict: DOES NOT FIT (needs ") and "of 15.75 GiB per device" in last, p.stdout
     assert "suggestions:" in p.stdout and "max_length" in p.stdout
+
+
+def test_generation_compiles_for_v5e_and_its_cache_counts(libtpu):
+    """--generate: the evaluation's prefill + decode loop compiles for the TPU target, and
+    raising the generation budget from 64 to 4096 new tokens raises the peak by at least the
+    KV cache of the extra slots (k and v of every layer, one row per chip; measured: 12.1 ->
+    24.1 MB for 3.1 MB of extra cache before TPU tiling pads it)."""
+    from ilvr_jax import aot
+
+    base = ["--config=" + f"{STAGE1}:debug", *TINY_V5E, "--generate", "--json", "--config.train.eval_batch_size=4",
+            "--config.data.max_length=256"]
+    reports = []
+    for new in (64, 4096):
+        p = run_aot(*base, f"--config.train.eval_max_new_tokens={new}")
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        r = _report(p)
+        assert r["program"] == "generation" and r["verdict"] == "FITS" and r["source"] == "compiler"
+        assert r["rows"] == 4 and r["prompt_tokens"] == 256 and r["new_tokens"] == new
+        assert r["peak_bytes"] >= r["argument_bytes"] > 0 and r["temp_bytes"] > 0
+        reports.append(r)
+    sys.path.insert(0, REPO)
+    from configs import stage1
+
+    t = aot.model_config(stage1.get_config("debug")).text
+    extra_cache = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * (4096 - 64) * 4
+    assert reports[1]["peak_bytes"] - reports[0]["peak_bytes"] >= extra_cache, (reports[0]["peak_bytes"],
+                                                                                 reports[1]["peak_bytes"], extra_cache)
