@@ -155,11 +155,39 @@ def agreed_stop_signal(request) -> int | None:
     local = request.signal
     if jax.process_count() == 1:
         return local
-    signals = _allgather(np.array([local or 0], np.int32))
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:  # a runtime that is not jax.distributed's (e.g. Pathways): a device gather
+        signals = _allgather(np.array([local or 0], np.int32))
+    else:
+        signals = _exchange_through_coordinator(client, local or 0)
     agreed = next((int(s) for s in signals if s), None)
     if agreed is not None and request.signal is None:
         request.signal = agreed
     return agreed
+
+
+_stop_checks = [0]
+
+
+def _exchange_through_coordinator(client, value: int, timeout_s: float = 24 * 3600.0) -> list[int]:
+    """Every process's ``value`` through the coordination service's key-value store: a
+    host-to-host exchange that, unlike a device gather, does not wait for the train steps
+    already queued on the devices, so the host keeps dispatching ahead of them. Every
+    process calls it at the same points in the same order (the call count names the keys)."""
+    _stop_checks[0] += 1
+    n, pid = jax.process_count(), jax.process_index()
+    key = lambda call, q: f"ilvr_jax/stop/{call}/{q}"  # noqa: E731
+    client.key_value_set(key(_stop_checks[0], pid), str(int(value)))
+    values = [int(client.blocking_key_value_get(key(_stop_checks[0], q), int(timeout_s * 1000))) for q in range(n)]
+    # Every process has read the keys of two calls ago: it posted the last call's after reading them.
+    if _stop_checks[0] > 2:
+        try:
+            client.key_value_delete(key(_stop_checks[0] - 2, pid))
+        except Exception:  # noqa: BLE001 (a missing key; nothing to clean)
+            pass
+    return values
 
 
 def batch_fingerprint(host_batch: dict[str, np.ndarray]) -> str:
