@@ -595,8 +595,12 @@ def suggestions(c, cfg, r: dict) -> list[str]:
         out.append("--config.model.remat_policy=nothing_saveable keeps one activation per layer")
     S = int(c.data.max_length)
     logits = S * max(micro, 1) * cfg.text.vocab_size * 4 / GiB
-    out.append(f"fp32 logits are {logits:.1f} GiB per device at {S} tokens: a chunked cross-entropy (once "
-               f"available), or a shorter data.max_length (e.g. {S // 2})")
+    if int(c.model.ce_chunk) == 0:
+        out.append(f"fp32 logits are {logits:.1f} GiB per device at {S} tokens: --config.model.ce_chunk=1024 "
+                   f"computes the cross-entropy in chunks, or a shorter data.max_length (e.g. {S // 2})")
+    else:
+        out.append(f"a shorter data.max_length (e.g. {S // 2}) or smaller patch budgets "
+                   f"(data.max_question_patches / data.max_helper_patches) cut the activations")
     if c.model.attn_impl not in ("cudnn", "splash"):
         out.append("attention scores grow with max_length^2: --config.model.attn_impl=auto (splash on TPUs, "
                    "cudnn on GPUs)")

@@ -112,13 +112,16 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
     Memory: every piece of the sequence (a text chunk's window, a segment's K latents)
     computes its keys/values once and keeps them as a context block that later pieces
     attend to (``text.decoder_forward(context=...)``); nothing is written into a shared
-    cache. A differentiated step therefore holds each piece's keys/values once: about one
-    sequence's worth with tight windows, however many latent steps there are. Inside a
-    segment the K latent steps carry only that segment's [L, B, K] keys/values.
+    cache. Chunk 0 is one block; the segments run in a ``lax.scan`` (segment m's K latent
+    steps, then text chunk m + 1) that writes their keys/values into two small buffers
+    ([L, B, M*K] latents, [L, B, M*W] later chunks of window W). A differentiated step
+    therefore holds chunk 0's keys/values once, the small buffers once per segment, and one
+    gradient accumulator for the parameters, however many segments and latent steps there
+    are; each segment and each latent step is rematerialised in the backward.
     """
     b, s, d = embeds.shape
     m_max = latent_starts.shape[1]
-    widths = chunk_windows(chunk_len, m_max + 1, s)
+    w0, w = chunk_windows(chunk_len, 2, s)
     valid_tok = jnp.asarray(attention_mask).astype(bool)
     seg = segment_mask.astype(bool)
     starts, ends = chunk_bounds(latent_starts, seg, K, s, valid_tok)
@@ -131,47 +134,72 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
                                          context=context, return_kv=True)
         return h, kv["k"], kv["v"]
 
-    def text_chunk(context, out, m):
-        c = widths[m]
-        pos = starts[:, m][:, None] + jnp.arange(c, dtype=jnp.int32)[None]          # [B, C]
-        inside = pos < ends[:, m][:, None]
+    def text_chunk(context, m, c):
+        """Chunk m in a window of c tokens -> (keys, values, key validity), window positions
+        (S where past the row's chunk), hidden states, the hidden state of its last token."""
+        lo = jnp.take(starts, m, axis=1)
+        pos = lo[:, None] + jnp.arange(c, dtype=jnp.int32)[None]                     # [B, C]
+        inside = pos < jnp.take(ends, m, axis=1)[:, None]
         pos_c = jnp.minimum(pos, s - 1)
         valid = inside & valid_tok[rows, pos_c]
         h, k, v = run(embeds[rows, pos_c], position_ids[:, rows, pos_c], valid, context)
-        # Window positions past the row's chunk are dropped (written to the spare row S).
-        slots = jnp.where(inside, pos_c, s)
-        out = out.at[rows, slots].set(h)
-        last = jnp.clip(ends[:, m] - 1 - starts[:, m], 0, c - 1)
-        return (k, v, valid), out, h[jnp.arange(b), last]                           # h_last [B, D]
+        last = jnp.clip(jnp.take(ends, m, axis=1) - 1 - lo, 0, c - 1)
+        return (k, v, valid), jnp.where(inside, pos_c, s), h, h[jnp.arange(b), last]
 
-    def latent_steps(context, out, h_last, m):
-        present = seg[:, m]
-        first = latent_starts[:, m] + 1
+    block0, slots0, h0, h_last = text_chunk([], 0, w0)
+    out = jnp.zeros((b, s + 1, d), dtype).at[rows, slots0].set(h0)   # row S: dropped positions
+    if m_max == 0:
+        return out[:, :s]
+
+    def latent_steps(context, h_last, m):
+        """Segment m's K one-token steps -> its (keys, values, validity) [L, B, K], its
+        positions (S where absent) and hidden states [B, K, D]."""
+        present = jnp.take(seg, m, axis=1)
+        first = jnp.take(latent_starts, m, axis=1) + 1
         lat_pos = jnp.minimum(first[:, None] + jnp.arange(K, dtype=jnp.int32)[None], s - 1)  # [B, K]
         lat_valid = present[:, None] & valid_tok[rows, lat_pos]
 
         def step(carry, k):
-            buf_k, buf_v, h_prev, out = carry
-            p = lat_pos[:, k][:, None]                                                # [B, 1]
+            buf_k, buf_v, h_prev = carry
             seen = lat_valid & (jnp.arange(K)[None] < k)                              # earlier latents
-            h, nk, nv = run(h_prev[:, None, :].astype(dtype), position_ids[:, rows, p],
+            h, nk, nv = run(h_prev[:, None, :].astype(dtype), position_ids[:, rows, lat_pos[:, k][:, None]],
                             lat_valid[:, k][:, None], list(context) + [(buf_k, buf_v, seen)])
             buf_k = jax.lax.dynamic_update_slice_in_dim(buf_k, nk.astype(buf_k.dtype), k, axis=2)
             buf_v = jax.lax.dynamic_update_slice_in_dim(buf_v, nv.astype(buf_v.dtype), k, axis=2)
-            out = out.at[rows, jnp.where(present[:, None], p, s)].set(h)
-            return (buf_k, buf_v, h[:, 0], out), None
+            return (buf_k, buf_v, h[:, 0]), h[:, 0]
 
         zeros = jnp.zeros((layers_, b, K, kv_heads, head_dim), dtype)
-        (buf_k, buf_v, _, out), _ = jax.lax.scan(step, (zeros, zeros, h_last, out),
-                                                 jnp.arange(K, dtype=jnp.int32))
-        return (buf_k, buf_v, lat_valid), out
+        # Checkpointed: the backward keeps a step's inputs only and recomputes its one-token forward.
+        (buf_k, buf_v, _), hs = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), (zeros, zeros, h_last),
+                                             jnp.arange(K, dtype=jnp.int32))
+        slots = jnp.where(present[:, None], lat_pos, s)
+        return (buf_k, buf_v, lat_valid), slots, jnp.moveaxis(hs, 0, 1)
 
-    out = jnp.zeros((b, s + 1, d), dtype)          # row S: the spare row of dropped positions
-    context: list = []
-    for m in range(m_max + 1):  # static: M_max + 1 text chunks and M_max segments of K latent steps
-        block, out, h_last = text_chunk(context, out, m)
-        context.append(block)
-        if m < m_max:
-            block, out = latent_steps(context, out, h_last, m)
-            context.append(block)
+    def segment(carry, m):
+        """Segment m's latents, then text chunk m + 1, both attending to chunk 0 and to the
+        buffers of the earlier segments (invalid where not yet written)."""
+        lat_k, lat_v, lat_ok, chk_k, chk_v, chk_ok, h_last = carry
+        context = [block0, (lat_k, lat_v, lat_ok), (chk_k, chk_v, chk_ok)]
+        (bk, bv, bok), lat_slots, lat_h = latent_steps(context, h_last, m)
+        lat_k = jax.lax.dynamic_update_slice_in_dim(lat_k, bk, m * K, axis=2)
+        lat_v = jax.lax.dynamic_update_slice_in_dim(lat_v, bv, m * K, axis=2)
+        lat_ok = jax.lax.dynamic_update_slice_in_dim(lat_ok, bok, m * K, axis=1)
+        context = [block0, (lat_k, lat_v, lat_ok), (chk_k, chk_v, chk_ok)]
+        (ck, cv, cok), chk_slots, chk_h, h_last = text_chunk(context, m + 1, w)
+        chk_k = jax.lax.dynamic_update_slice_in_dim(chk_k, ck.astype(chk_k.dtype), m * w, axis=2)
+        chk_v = jax.lax.dynamic_update_slice_in_dim(chk_v, cv.astype(chk_v.dtype), m * w, axis=2)
+        chk_ok = jax.lax.dynamic_update_slice_in_dim(chk_ok, cok, m * w, axis=1)
+        return (lat_k, lat_v, lat_ok, chk_k, chk_v, chk_ok, h_last), (lat_slots, lat_h, chk_slots, chk_h)
+
+    def buffer(n):
+        return (jnp.zeros((layers_, b, m_max * n, kv_heads, head_dim), dtype),
+                jnp.zeros((layers_, b, m_max * n, kv_heads, head_dim), dtype), jnp.zeros((b, m_max * n), bool))
+
+    carry0 = buffer(K) + buffer(w) + (h_last,)
+    _, (lat_slots, lat_h, chk_slots, chk_h) = jax.lax.scan(
+        jax.checkpoint(segment, prevent_cse=False), carry0, jnp.arange(m_max, dtype=jnp.int32))
+    # [M, B, n] positions and [M, B, n, D] states -> one scatter each (dropped ones to row S).
+    flat = lambda x: jnp.moveaxis(x, 0, 1).reshape((b, -1) + x.shape[3:])  # noqa: E731
+    out = out.at[rows, flat(lat_slots)].set(flat(lat_h))
+    out = out.at[rows, flat(chk_slots)].set(flat(chk_h))
     return out[:, :s]
