@@ -101,9 +101,9 @@ def resolve_target(name: str) -> tuple[str, str, int]:
 
 
 def preset_target(config_arg: str | None) -> str | None:
-    """The topology a preset is named for: ``v5p_8`` -> ``v5p-8``, ``gpu_8`` -> ``h100-8``."""
+    """The topology a preset is named for: ``v5p_8`` (and ``v5p_8_32k``) -> ``v5p-8``, ``gpu_8`` -> ``h100-8``."""
     preset = config_arg.split(":", 1)[1] if config_arg and ":" in config_arg else ""
-    m = re.fullmatch(r"(v\d+[a-z]*|gpu)_(\d+)", preset)
+    m = re.fullmatch(r"(v\d+[a-z]*|gpu)_(\d+)(?:_\w+)?", preset)   # v5p_8, v5p_8_32k, gpu_8
     if not m:
         return None
     return f"h100-{m.group(2)}" if m.group(1) == "gpu" else f"{m.group(1)}-{m.group(2)}"
