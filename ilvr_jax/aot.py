@@ -369,28 +369,24 @@ def probe_hbm_bytes(mesh) -> int | None:
     return None
 
 
-def compile_tpu(c, cfg, topo_name: str) -> dict:
-    """Compile the real train step for the topology: the report's numbers."""
-    import time
-
-    import jax
-
+def _tpu_target(c, topo_name: str):
+    """(mesh over the topology's devices, its shape, device kind, HBM bytes per device)."""
     from ilvr_jax.train import mesh as mesh_lib
-    from ilvr_jax.train import step as step_lib
 
-    topo = load_topology(topo_name)
-    devices = list(topo.devices)
+    devices = list(load_topology(topo_name).devices)
     mesh_shape = resolve_mesh_shape(c, len(devices))
     mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
     kind = devices[0].device_kind
-    hbm = probe_hbm_bytes(mesh) or int(TPU_HBM_GIB.get(kind, 0) * GiB) or None
-    scfg, tx, schedule, state, batch = abstract_inputs(c, cfg, mesh)
-    report = dict(target=topo_name, device_kind=kind, devices=len(devices), mesh=mesh_shape,
-                  hbm_bytes=hbm, source="compiler", **state_summary(state, batch, mesh_shape))
-    report.update(memory_model.analytic_memory(c, cfg, mesh_shape, _trainable_bytes(state, scfg), report))
+    return mesh, mesh_shape, kind, probe_hbm_bytes(mesh) or int(TPU_HBM_GIB.get(kind, 0) * GiB) or None
+
+
+def _compile_and_measure(lowered, report: dict, unused_input_bytes=lambda: 0) -> dict:
+    """Compiles ``lowered`` and adds the compiler's per-chip memory and the verdict to
+    ``report`` (which holds hbm_bytes and the state and batch bytes per device). When libtpu
+    runs out of HBM, the temporaries it names plus the state and batch shards are what it needs."""
+    import time
+
     t0 = time.time()
-    train = step_lib.compile_train_step(scfg, tx, schedule, mesh, state, batch)
-    lowered = train.lower(state, batch)
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 (XLA's JaxRuntimeError)
@@ -398,14 +394,13 @@ def compile_tpu(c, cfg, topo_name: str) -> dict:
         if "RESOURCE_EXHAUSTED" not in msg and "exceeds available HBM" not in msg:
             raise
         m = _OOM_RE.search(msg)
-        # libtpu names the temporaries it needed; the state and batch shards come on top.
         temps = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
         report.update(compile_s=round(time.time() - t0, 1), fits=False, oom_message=msg.strip().splitlines()[0],
                       oom_temp_bytes=temps, needed_bytes=None if temps is None else
                       temps + report["state_bytes_per_device"] + report["batch_bytes_per_device"])
         return report
     ma = compiled.memory_analysis()
-    report["unused_input_bytes"] = _unused_input_bytes(lowered, (state, batch))
+    report["unused_input_bytes"] = unused_input_bytes()
     mem = dict(argument_bytes=ma.argument_size_in_bytes, output_bytes=ma.output_size_in_bytes,
                alias_bytes=ma.alias_size_in_bytes, temp_bytes=ma.temp_size_in_bytes,
                generated_code_bytes=ma.generated_code_size_in_bytes)
@@ -417,8 +412,22 @@ def compile_tpu(c, cfg, topo_name: str) -> dict:
     # The loop puts the whole batch on the devices, inputs the step never reads included.
     mem["peak_bytes"] = mem["compiler_peak_bytes"] + report["unused_input_bytes"]
     report.update(mem, compile_s=round(time.time() - t0, 1))
-    report["fits"] = hbm is None or mem["peak_bytes"] <= hbm
+    report["fits"] = report["hbm_bytes"] is None or mem["peak_bytes"] <= report["hbm_bytes"]
     return report
+
+
+def compile_tpu(c, cfg, topo_name: str) -> dict:
+    """Compile the real train step for the topology: the report's numbers."""
+    from ilvr_jax.train import step as step_lib
+
+    mesh, mesh_shape, kind, hbm = _tpu_target(c, topo_name)
+    scfg, tx, schedule, state, batch = abstract_inputs(c, cfg, mesh)
+    report = dict(target=topo_name, device_kind=kind, devices=mesh.size, mesh=mesh_shape,
+                  hbm_bytes=hbm, source="compiler", **state_summary(state, batch, mesh_shape))
+    report.update(memory_model.analytic_memory(c, cfg, mesh_shape, _trainable_bytes(state, scfg), report))
+    train = step_lib.compile_train_step(scfg, tx, schedule, mesh, state, batch)
+    lowered = train.lower(state, batch)
+    return _compile_and_measure(lowered, report, lambda: _unused_input_bytes(lowered, (state, batch)))
 
 
 def generation_inputs(c, cfg, mesh):
@@ -460,21 +469,13 @@ def generation_inputs(c, cfg, mesh):
 def compile_generation_tpu(c, cfg, topo_name: str) -> dict:
     """Compile the evaluation's generation (one program: prefill, then the decode loop on its
     cache) for the topology: per-chip memory as for the train step."""
-    import time
-
     import jax
     import jax.numpy as jnp
 
     from ilvr_jax import sharding
     from ilvr_jax.generate import sampler
-    from ilvr_jax.train import mesh as mesh_lib
 
-    topo = load_topology(topo_name)
-    devices = list(topo.devices)
-    mesh_shape = resolve_mesh_shape(c, len(devices))
-    mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
-    kind = devices[0].device_kind
-    hbm = probe_hbm_bytes(mesh) or int(TPU_HBM_GIB.get(kind, 0) * GiB) or None
+    mesh, mesh_shape, kind, hbm = _tpu_target(c, topo_name)
     dcfg, params, batch, cache_len, steps = generation_inputs(c, cfg, mesh)
 
     def generate(params, batch, budgets, stop_ids, key):
@@ -485,48 +486,15 @@ def compile_generation_tpu(c, cfg, topo_name: str) -> dict:
                                          jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
         return out
 
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     b = batch.input_ids.shape[0]
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     budgets = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding.named_sharding(mesh, ("batch",), (b,)))
-    args = (params, batch, budgets,
-            jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep),
+    args = (params, batch, budgets, jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep),
             jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
-    leaves = jax.tree.leaves(args)
-    report = dict(target=topo_name, device_kind=kind, devices=len(devices), mesh=mesh_shape, hbm_bytes=hbm,
+    report = dict(target=topo_name, device_kind=kind, devices=mesh.size, mesh=mesh_shape, hbm_bytes=hbm,
                   source="compiler", program="generation", rows=b, prompt_tokens=int(c.data.max_length),
-                  new_tokens=steps, state_bytes=sum(_nbytes(a) for a in jax.tree.leaves(params)),
-                  state_bytes_per_device=sum(_shard_nbytes(a) for a in jax.tree.leaves(params)),
-                  state_bytes_ideal_per_device=sum(_nbytes(a) for a in jax.tree.leaves(params)) // len(devices),
-                  batch_bytes_per_device=sum(_shard_nbytes(a) for a in leaves) - sum(
-                      _shard_nbytes(a) for a in jax.tree.leaves(params)),
-                  replicated_large_leaves=len(replicated_large_leaves(params)),
-                  replicated_examples=[n for n, _ in replicated_large_leaves(params)[:3]])
-    t0 = time.time()
-    lowered = jax.jit(generate).lower(*args)
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 (XLA's JaxRuntimeError)
-        msg = str(e)
-        if "RESOURCE_EXHAUSTED" not in msg and "exceeds available HBM" not in msg:
-            raise
-        m = _OOM_RE.search(msg)
-        temps = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
-        report.update(compile_s=round(time.time() - t0, 1), fits=False, oom_message=msg.strip().splitlines()[0],
-                      oom_temp_bytes=temps, needed_bytes=None if temps is None else
-                      temps + report["state_bytes_per_device"] + report["batch_bytes_per_device"])
-        return report
-    ma = compiled.memory_analysis()
-    mem = dict(argument_bytes=ma.argument_size_in_bytes, output_bytes=ma.output_size_in_bytes,
-               alias_bytes=ma.alias_size_in_bytes, temp_bytes=ma.temp_size_in_bytes,
-               generated_code_bytes=ma.generated_code_size_in_bytes)
-    peak = getattr(ma, "peak_memory_in_bytes", None)
-    mem["compiler_peak_bytes"] = int(peak) if peak else (
-        mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
-        + mem["generated_code_bytes"])
-    mem["peak_bytes"] = mem["compiler_peak_bytes"]
-    report.update(mem, unused_input_bytes=0, compile_s=round(time.time() - t0, 1))
-    report["fits"] = hbm is None or mem["peak_bytes"] <= hbm
-    return report
+                  new_tokens=steps, **state_summary(params, args[1:], mesh_shape))
+    return _compile_and_measure(jax.jit(generate).lower(*args), report)
 
 
 def _unused_input_bytes(lowered, args) -> int:
