@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
+from ilvr_jax import storage
 from ilvr_jax.checkpoint.hf import DEFAULT_EXPORT_LAYOUT, LAYOUTS, export_params_to_hf, load_hf_params
 
 
@@ -55,7 +55,7 @@ def to_hf(
     """orbax checkpoint (parameters or a training run) -> HF directory; returns the shard
     file names. ``dtype=None``: the source model's dtype for a training run that started
     from an HF directory, else as stored."""
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    if storage.isdir(out) and storage.listdir(out) and not overwrite:
         raise FileExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     if is_training_checkpoint(checkpoint):
         from ilvr_jax.train import checkpoints as ckpt_lib
@@ -68,7 +68,7 @@ def to_hf(
                                    max_shard_bytes=max_shard_bytes, source_config=source)
     from ilvr_jax.checkpoint.orbax_io import restore_config, restore_params
 
-    if not os.path.exists(checkpoint):
+    if not storage.exists(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: does not exist")
     cfg = restore_config(checkpoint)
     tree = restore_params(checkpoint)
@@ -81,9 +81,9 @@ def is_training_checkpoint(path: str) -> bool:
     """A training workdir, its ``checkpoints`` directory or one of its step directories."""
     from ilvr_jax.train import checkpoints as ckpt_lib
 
-    path = os.path.abspath(path)
-    return (os.path.isdir(os.path.join(path, ckpt_lib.STATE)) or os.path.basename(path) == "checkpoints"
-            or os.path.isdir(os.path.join(path, "checkpoints")))
+    path = storage.abspath(path)
+    return (storage.isdir(storage.join(path, ckpt_lib.STATE)) or storage.basename(path) == "checkpoints"
+            or storage.isdir(storage.join(path, "checkpoints")))
 
 
 def load_training_params(checkpoint: str, which: str = "student"):
@@ -105,8 +105,8 @@ def load_training_params(checkpoint: str, which: str = "student"):
         raise ValueError(f"which={which!r}: expected 'student' or 'teacher'")
     step_dir = ckpt_lib.resolve_step_dir(checkpoint)
     root = ckpt_lib.run_root(step_dir)
-    cfg_path = os.path.join(root, "model_config.json")
-    if not os.path.isfile(cfg_path):
+    cfg_path = storage.join(root, "model_config.json")
+    if not storage.isfile(cfg_path):
         raise FileNotFoundError(f"{root}: no model_config.json (not a training workdir of ilvr_jax.main)")
     cfg = ModelConfig.from_hf(cfg_path)
     state = ckpt_lib.restore_state_item(step_dir, only=("params", "teacher"))
@@ -118,8 +118,8 @@ def load_training_params(checkpoint: str, which: str = "student"):
         _, frozen = opt_lib.split_frozen(params, frozen_patterns)
         teacher = jax.tree.map(np.asarray, state["teacher"])
         params = opt_lib.merge_params(teacher, frozen)
-    tok_dir = os.path.join(root, "tokenizer")
-    return cfg, params, tok_dir if os.path.isdir(tok_dir) else None
+    tok_dir = storage.join(root, "tokenizer")
+    return cfg, params, tok_dir if storage.isdir(tok_dir) else None
 
 
 def _run_frozen_patterns(step_dir: str, root: str) -> tuple[str, ...]:
@@ -129,11 +129,10 @@ def _run_frozen_patterns(step_dir: str, root: str) -> tuple[str, ...]:
     try:
         config = ckpt_lib.restore_json_item(step_dir, ckpt_lib.CONFIG)
     except FileNotFoundError:
-        path = os.path.join(root, "config.json")
-        if not os.path.isfile(path):
+        path = storage.join(root, "config.json")
+        if not storage.isfile(path):
             raise FileNotFoundError(f"{step_dir}: no saved run config (needed for the frozen parameter list)")
-        with open(path) as f:
-            config = json.load(f)
+        config = json.loads(storage.read_text(path))
     return tuple(config["optim"]["frozen"])
 
 
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.command == "from-hf":
-        if os.path.exists(args.out) and not args.overwrite:
+        if storage.exists(args.out) and not args.overwrite:
             raise FileExistsError(f"{args.out}: already exists (pass --overwrite to replace it)")
         path = from_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {path} ({time.time() - t0:.1f}s)")

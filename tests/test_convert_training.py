@@ -192,3 +192,23 @@ def test_bad_training_paths_give_one_error_line(trained, tmp_path):
     p = _convert("--checkpoint", str(empty), "--out", str(tmp_path / "o"))
     assert p.returncode == 2 and "holds no finished checkpoint step" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_export_of_a_training_run_into_a_bucket_equals_the_local_export(trained, tmp_path):
+    """``convert.to_hf`` with a gs:// output (in memory, behind etils.epath): the same files
+    and bytes as the local export; an existing non-empty bucket directory needs overwrite."""
+    from ilvr_jax import convert, storage
+
+    spec = importlib.util.spec_from_file_location("_fb", os.path.join(os.path.dirname(__file__), "fake_bucket.py"))
+    fake_bucket = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_bucket)
+    local = str(tmp_path / "local")
+    names = convert.to_hf(trained, local)
+    with fake_bucket.load().install():
+        remote = "gs://runs/export"
+        assert convert.to_hf(trained, remote) == names
+        assert sorted(storage.listdir(remote)) == sorted(os.listdir(local))
+        for n in os.listdir(local):
+            assert storage.read_bytes(storage.join(remote, n)) == open(os.path.join(local, n), "rb").read(), n
+        with pytest.raises(FileExistsError, match="already exists and is not empty"):
+            convert.to_hf(trained, remote)
