@@ -32,29 +32,16 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from ilvr_jax import tiny
-    from ilvr_jax.checkpoint.latent_tokens import add_latent_tokens
-    from ilvr_jax.data import maze
-    from ilvr_jax.data.pipeline import DataConfig, DataPipeline
-    from ilvr_jax.model import qwen25vl
-    from ilvr_jax.model.config import ModelConfig
     from ilvr_jax.train import mesh as mesh_lib
     from ilvr_jax.train import optimizer as opt_lib
     from ilvr_jax.train import step as step_lib
+    from tiny_batch import tiny_model_and_batch
 
     K, L = 4, 8
     work = tempfile.mkdtemp(prefix="step_time_")
-    tok = tiny.build_tokenizer()
-    cfg = ModelConfig.from_hf(tiny.hf_config(tok, "untied_gqa2", latent_size=K))
-    params = jax.tree.map(np.asarray, jax.jit(qwen25vl.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0)))
-    tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K)
-    tok.save_pretrained(os.path.join(work, "tok"))
-    path = maze.generate_maze_dataset(os.path.join(work, "maze"), n=2 * args.batch + 4, seed=0,
-                                      sizes=(2, 4), cell_px=20)
-    dc = DataConfig(batch_size=args.batch, max_length=args.max_length, max_question_patches=64,
-                    max_helper_patches=256, max_segments=4, latent_size=K, min_pixels=28 * 28,
-                    max_pixels=16 * 28 * 28, shuffle=False, drop_policy="skip")
-    batch = next(iter(DataPipeline.from_jsonl(path, os.path.join(work, "tok"), dc).iterator()))
+    cfg, params, batch = tiny_model_and_batch(work, latent_size=K, batch_size=args.batch, max_length=args.max_length,
+                                              mazes=2 * args.batch + 4, sizes=(2, 4), max_helper_patches=256,
+                                              max_segments=4)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     scfg = step_lib.StepConfig(model=cfg, stage=1, latent_size=K, num_candidates=L)
