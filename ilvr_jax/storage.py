@@ -205,17 +205,20 @@ def rmtree(path: str | os.PathLike) -> None:
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copies one file whole: locally through a temporary file and a rename, so a process
+    reading ``dst`` while another copies it (the processes of one run writing the same
+    workdir) sees the old file or the new one, never a truncated one."""
     if is_local(src) and is_local(dst):
-        shutil.copyfile(src, dst)
+        tmp = f"{os.fspath(dst)}.tmp{os.getpid()}"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
     else:
         write_bytes(dst, read_bytes(src))
 
 
 def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copies the files of ``src`` (recursively) into ``dst``, overwriting files there."""
-    if is_local(src) and is_local(dst):
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-        return
+    """Copies the files of ``src`` (recursively) into ``dst``, overwriting files there, each
+    file whole (see :func:`copy_file`)."""
     makedirs(dst)
     for name in listdir(src):
         s, d = join(src, name), join(dst, name)

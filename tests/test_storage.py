@@ -133,3 +133,22 @@ def test_a_bucket_path_without_its_package_is_one_line(monkeypatch):
     with pytest.raises(storage.StorageError, match="unsupported storage scheme ftp://"):
         storage.exists("ftp://host/x")
     storage.check_backend("/local/path")   # local paths need nothing
+
+
+def test_local_copies_replace_a_file_whole_so_a_reader_never_sees_part_of_it(tmp_path):
+    """The processes of one run copy the same files into a shared workdir while others read
+    them: a copy lands by rename, so a reader that opened the old file keeps reading all of
+    it (a truncating copy would cut it to nothing), and no temporary file is left."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "tokenizer_config.json").write_text('{"new": true}')
+    (src / "sub" / "x.json").write_text("[1]")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "tokenizer_config.json").write_text('{"old": "' + "o" * 10000 + '"}')
+    with open(dst / "tokenizer_config.json") as reader:
+        storage.copy_tree(str(src), str(dst))
+        assert reader.read() == '{"old": "' + "o" * 10000 + '"}'
+    assert (dst / "tokenizer_config.json").read_text() == '{"new": true}'
+    assert (dst / "sub" / "x.json").read_text() == "[1]"
+    assert sorted(p.name for p in dst.rglob("*")) == ["sub", "tokenizer_config.json", "x.json"]

@@ -110,7 +110,11 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
         return cfg, None, tok_dir
     from ilvr_jax.checkpoint.latent_tokens import add_latent_tokens
 
-    storage.makedirs(tok_dir)
+    # Every process of a run writes these files, and they may share the workdir: each builds
+    # the directory privately and copies it in file by file, each file whole, so no process
+    # reads a file another is halfway through writing.
+    staging = tempfile.TemporaryDirectory(prefix="ilvr_tokenizer_")
+    local = staging.name
     if c.model.init == "tiny":
         from ilvr_jax import tiny
 
@@ -123,18 +127,15 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
 
         tok = load_source_tokenizer(c.model.hf_dir)
         cfg, params = load_hf_params(c.model.hf_dir)
-        copy_tokenizer_files(c.model.hf_dir, tok_dir, PROCESSOR_FILES)
+        copy_tokenizer_files(c.model.hf_dir, local, PROCESSOR_FILES)
         storage.copy_file(storage.join(c.model.hf_dir, "config.json"), storage.join(workdir, SOURCE_CONFIG_FILE))
     had = [t for t in LATENT_TOKENS if t in tok.get_vocab()]
     tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=K, resize=c.model.vocab_resize)
     # The tokenizer's own files are written after the processor files, so they carry the latent tokens.
-    if storage.is_local(tok_dir):
-        tok.save_pretrained(tok_dir)
-    else:
-        with tempfile.TemporaryDirectory() as local:
-            tok.save_pretrained(local)
-            storage.copy_tree(local, tok_dir)
-    tokenizer_files.write_hub_tokenizer_config(tok_dir)
+    with staging:
+        tok.save_pretrained(local)
+        tokenizer_files.write_hub_tokenizer_config(local)
+        storage.copy_tree(local, tok_dir)
     ids = {t: tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS}
     logger.info("latent tokens %s (%s), vocabulary %d rows", ids,
                 "already in the source tokenizer" if len(had) == 3 else "added to the tokenizer",

@@ -108,8 +108,16 @@ class Processes:
             return f.read()
 
     def tails(self) -> str:
-        return "\n".join(f"--- process {i} (exit {self.procs[i].poll() if i < len(self.procs) else None}):\n"
-                         + self.log(i)[-3000:] for i in range(len(self.logs)))
+        """Each log's end, after its first Python traceback when there is one (a process that
+        fails waits at jax's shutdown barrier, whose abort would fill the end)."""
+        out = []
+        for i in range(len(self.logs)):
+            log = self.log(i)
+            first = log.find("Traceback (most recent call last)")
+            head = log[first:first + 3000] + "\n[...]\n" if 0 <= first < len(log) - 3000 else ""
+            out.append(f"--- process {i} (exit {self.procs[i].poll() if i < len(self.procs) else None}):\n"
+                       + head + log[-3000:])
+        return "\n".join(out)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         for p in self.procs:
