@@ -8,7 +8,8 @@
     python -m ilvr_jax.evaluate selection --model RUN --data FILE --out DIR [--ids a,b] [--limit N]
 
 The first writes ``DIR/samples.jsonl`` (one row per record and mode, resumable) and
-``DIR/summary.json`` and prints a table. ``--mesh DATA,FSDP,TENSOR`` lays the parameters
+``DIR/summary.json`` and prints a table. Every path may be local or in cloud storage
+(``gs://...``, through ``ilvr_jax.storage``). ``--mesh DATA,FSDP,TENSOR`` lays the parameters
 and the batch's rows over the devices as training does. Several processes (one per host, or
 several on one machine) run the same command with ``--distributed`` (and, where jax cannot
 detect the cluster, ``--coordinator-address``, ``--num-processes``, ``--process-id``, as the
@@ -23,9 +24,9 @@ one process).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from ilvr_jax import storage
 from ilvr_jax.data.adapters import ADAPTER_NAMES
 from ilvr_jax.evaluate.scorers import SCORERS
 
@@ -123,7 +124,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     m = loading.load_model(args.model, step=args.step, teacher=args.teacher)
     params = m.params if mesh is None else params_on_mesh(m.params, m.cfg, mesh)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    config = dict(model=m.source, step=args.step, teacher=args.teacher, data=os.path.abspath(args.data),
+    config = dict(model=m.source, step=args.step, teacher=args.teacher, data=storage.abspath(args.data),
                   adapter=args.adapter, dtype=args.dtype, mesh=None if mesh is None else list(mesh.shape.values()))
     evaluate(params, m.cfg, m.tokenizer, m.image_cfg, records, scorer, batch_size=args.batch_size,
              max_new_tokens=args.max_new_tokens, ablations=args.ablate, seed=args.seed, out_dir=args.out,
@@ -131,7 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
              progress=not args.no_progress, config=config, path=args.data, print_table=True, mesh=mesh,
              decode_kw={"dtype": jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32})
     if jax.process_index() == 0:
-        print(f"wrote {os.path.join(args.out, 'samples.jsonl')} and {os.path.join(args.out, 'summary.json')}")
+        print(f"wrote {storage.join(args.out, 'samples.jsonl')} and {storage.join(args.out, 'summary.json')}")
     return 0
 
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in ("heatmap", "selection"):
             return _heatmaps(argv[0], _heatmap_parser(argv[0]).parse_args(argv[1:]))
         return _evaluate(_parser().parse_args(argv))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, storage.StorageError) as e:
         # Bad input (a record, a file, an option): one line naming it, no traceback.
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ tower restores that order after its window attention.
 from __future__ import annotations
 
 import functools
-import os
+import io
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ilvr_jax import storage
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data.records import RecordError, resolve_image_path
 from ilvr_jax.evaluate.run import EvalItem, eval_items, shape_floors
@@ -127,8 +128,10 @@ def _save(panels: Sequence[np.ndarray], path: str) -> str:
     for p in panels:
         canvas[: p.shape[0], x:x + p.shape[1]] = p
         x += p.shape[1]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    png = io.BytesIO()   # rendered in memory, then written whole (locally or to a bucket)
+    Image.fromarray(canvas).save(png, format="PNG")
+    storage.makedirs(storage.dirname(path))
+    storage.write_bytes(path, png.getvalue())
     return path
 
 
@@ -177,7 +180,7 @@ def latent_heatmaps(params, cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePr
             cos = latent_cosines(gen.latents, patch_features(params, cfg, pv, grid))
             boxes = cell_boxes(grid, image_cfg.patch_size, image_cfg.merge_size)
             panels = [tint(view, boxes, heat_colors(row), HEAT_ALPHA) for row in cos]
-            written.append(_save(panels, os.path.join(out_dir, _safe_name(it.id), f"latents_{label}.png")))
+            written.append(_save(panels, storage.join(out_dir, _safe_name(it.id), f"latents_{label}.png")))
     return written
 
 
@@ -267,6 +270,6 @@ def selection_overlays(params, cfg: ModelConfig, tokenizer, image_cfg: proc.Imag
             chosen = sorted({c for j in indices[0, m, : int(kstar[0, m])]
                              for c in candidate_cells(int(j), len(boxes), num_candidates)})
             panel = tint(view, [boxes[c] for c in chosen], np.tile(SELECTED_RGB, (len(chosen), 1)), SELECTED_ALPHA)
-            written.append(_save([panel], os.path.join(out_dir, _safe_name(it.id), f"selection_segment_{m}.png")))
+            written.append(_save([panel], storage.join(out_dir, _safe_name(it.id), f"selection_segment_{m}.png")))
     return written
 

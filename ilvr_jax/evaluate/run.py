@@ -12,6 +12,7 @@ as soon as its batch is done (flushed), and ``out_dir/summary.json`` is written 
 a rerun with the same ``out_dir`` skips the (id, mode) pairs already there, so an
 interrupted evaluation continues where it stopped (the summary counts the rows it found,
 ``resumed_rows``, and the (batch, mode) pairs it generated, ``generated_batches``).
+``out_dir`` may be local or in cloud storage (``ilvr_jax.storage``).
 Batches are formed over the records in order whatever is already done, so a resumed run
 generates exactly what an uninterrupted one would. Every batch is padded to the
 evaluation's longest prompt and largest question images (:func:`shape_floors`), so one
@@ -31,7 +32,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ilvr_jax import sharding
+from ilvr_jax import sharding, storage
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data.records import LocatedRecord, RecordError, resolve_image_path
 from ilvr_jax.evaluate import diagnostics, scorers
@@ -105,16 +105,16 @@ def eval_items(records: Sequence[Mapping[str, Any] | LocatedRecord], *, path: st
 
 # ----------------------------------------------------------------------------- samples file
 def read_samples(path: str, *, repair: bool = True) -> list[dict[str, Any]]:
-    """The rows of a samples file. The last line of a killed run may be cut short: it is
-    dropped (a complete row missing only its newline gets the newline), in the file too when
-    ``repair``, so appended rows start on a line of their own. Any other unreadable line is
-    an error naming the file and line."""
-    if not os.path.isfile(path):
+    """The rows of a samples file (local or in a bucket). The last line of a killed run may
+    be cut short: it is dropped (a complete row missing only its newline gets the newline),
+    in the file too when ``repair`` (rewritten whole), so appended rows start on a line of
+    their own. Any other unreadable line is an error naming the file and line."""
+    if not storage.isfile(path):
         return []
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     lines = data.split(b"\n")
     rows = []
+    repaired = data
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -123,17 +123,16 @@ def read_samples(path: str, *, repair: bool = True) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if tail:
-                if repair:
-                    with open(path, "r+b") as f:
-                        f.truncate(len(data) - len(line))
+                repaired = data[:len(data) - len(line)]
                 break
             raise ValueError(f"{path}:line {n}: not valid JSON ({e}); remove the line or the file") from None
         if not isinstance(row, dict) or "id" not in row or "mode" not in row:
             raise ValueError(f"{path}:line {n}: a sample row needs 'id' and 'mode'")
-        if tail and repair:
-            with open(path, "ab") as f:
-                f.write(b"\n")
+        if tail:
+            repaired = data + b"\n"
         rows.append(row)
+    if repair and repaired != data:
+        storage.write_bytes(path, repaired)
     return rows
 
 
@@ -350,7 +349,7 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
             raise ValueError(f"batch_size {batch_size} must be divisible by the mesh's batch axes (data x fsdp = {dp})")
     per_process = batch_size // pc
     writer = pi == 0 and out_dir is not None
-    samples_path = os.path.join(out_dir, SAMPLES_FILE) if out_dir is not None else None
+    samples_path = storage.join(out_dir, SAMPLES_FILE) if out_dir is not None else None
     rows: list[dict[str, Any]] = _shared_rows(samples_path, writer) if samples_path else []
     resumed_rows = len(rows)
     done = {(r["id"], r["mode"]) for r in rows}
@@ -425,8 +424,8 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
     t0 = time.time()
     f = None
     if writer:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(samples_path, "a", encoding="utf-8")
+        storage.makedirs(out_dir)
+        f = storage.AppendFile(samples_path)   # in a bucket: the object rewritten at each flush
     try:
         for c, mode in todo:
             extra = [{} for _ in chunks[c]]
@@ -468,11 +467,7 @@ def evaluate(params, model_cfg: ModelConfig, tokenizer, image_cfg: proc.ImagePro
     summary["generated_batches"] = len(todo)       # (batch, mode) pairs this run generated
     summary["seconds"] = round(time.time() - t0, 3)
     if writer:
-        tmp = os.path.join(out_dir, SUMMARY_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as g:
-            json.dump(summary, g, indent=2)
-            g.write("\n")
-        os.replace(tmp, os.path.join(out_dir, SUMMARY_FILE))
+        storage.write_text(storage.join(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     if print_table and pi == 0:
         print(format_table(summary))
     return summary

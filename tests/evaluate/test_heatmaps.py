@@ -4,6 +4,7 @@ checked against ``teacher_targets`` run on a batch of the training input pipelin
 
 from __future__ import annotations
 
+import io
 import os
 
 import jax
@@ -126,3 +127,52 @@ def test_selection_overlay_marks_exactly_the_selected_patches(eval_setup, traini
         1 for loc in s.records for st in loc.record["sequence_plan"] if st["type"] == "latent")
     assert min(kstars) >= 1  # every segment tints at least one patch
     assert max(kstars) <= min(K, num_candidates)  # with 2 candidates the cutoff K* < K bites
+
+
+def test_heatmap_and_selection_commands_write_into_a_bucket(eval_setup, tmp_path, monkeypatch):
+    """Both commands with the model, the records and --out on gs:// (in memory, through
+    etils.epath) write, under the bucket's out dir, the PNGs a local run writes, byte for byte,
+    each at the model's view of its image (one panel per latent side by side for the heatmap)."""
+    import importlib.util
+
+    from ilvr_jax import storage
+
+    spec = importlib.util.spec_from_file_location(
+        "_fb", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fake_bucket.py"))
+    fake_bucket = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_bucket)
+    monkeypatch.chdir(tmp_path)   # nothing may land in a local folder named after the URI
+    s = eval_setup
+    loc = s.records[0]
+    rid = loc.record["id"]
+    commands = {"heatmap": ["--max-new-tokens", "12"], "selection": ["--num-candidates", "8"]}
+    for name, extra in commands.items():
+        assert main([name, "--model", s.hf_dir, "--data", s.data_path, "--out", str(tmp_path / name),
+                     "--ids", rid, *extra]) == 0
+    data = "gs://data/maze/" + os.path.basename(s.data_path)
+    with fake_bucket.load().install():
+        storage.copy_tree(s.hf_dir, "gs://models/tiny")
+        storage.copy_tree(os.path.dirname(s.data_path), "gs://data/maze")
+        got = {}
+        for name, extra in commands.items():
+            out = f"gs://figures/{name}"
+            assert main([name, "--model", "gs://models/tiny", "--data", data, "--out", out, "--ids", rid,
+                         *extra]) == 0
+            got[name] = {f: storage.read_bytes(storage.join(out, rid, f)) for f in storage.listdir(storage.join(out, rid))}
+    assert sorted(os.listdir(tmp_path)) == sorted(commands)
+    helpers = [st["helper_image"] for st in loc.record["sequence_plan"] if st["type"] == "latent"]
+    want_names = {"heatmap": {"latents_question_0.png"} | {f"latents_helper_{m}.png" for m in range(len(helpers))},
+                  "selection": {f"selection_segment_{m}.png" for m in range(len(helpers))}}
+    views = {"latents_question_0.png": loc.record["image_input"][0]}
+    views.update({f"latents_helper_{m}.png": p for m, p in enumerate(helpers)})
+    views.update({f"selection_segment_{m}.png": p for m, p in enumerate(helpers)})
+    for name, files in got.items():
+        assert set(files) == want_names[name] == set(os.listdir(tmp_path / name / rid))
+        for f, png in files.items():
+            assert png == (tmp_path / name / rid / f).read_bytes(), (name, f)
+            h, w = _model_view(os.path.join(loc.root, views[f]), s.image_cfg).shape[:2]
+            size = Image.open(io.BytesIO(png)).size
+            if name == "selection":
+                assert size == (w, h)
+            else:
+                assert size[1] == h and size[0] % w == 0 and size[0] // w >= s.latent_size

@@ -211,3 +211,65 @@ def test_adapter_records_and_its_default_scorer(eval_setup, tmp_path):
     assert _cli(s, canonical, "--limit", "4") == 0
     # The same records, hence the same rows, whichever reader.
     assert read_samples(str(out / SAMPLES_FILE)) == read_samples(str(canonical / SAMPLES_FILE))
+
+
+def _fake_bucket():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "_fb", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fake_bucket.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load()
+
+
+def test_a_bucket_out_dir_is_written_and_resumed_as_a_local_one(eval_setup, tmp_path, monkeypatch):
+    """The command with its model, records and --out on gs:// (in memory, through
+    etils.epath) writes the samples and summary a local run writes, and resumes the same way:
+    after --limit 3, after a last row cut mid-write, after a last newline lost."""
+    import os
+
+    from ilvr_jax import storage
+
+    monkeypatch.chdir(tmp_path)   # nothing may land in a local folder named after the URI
+    s = eval_setup
+    steps = (("--limit", "3"), (), "cut", (), "newline", ())
+
+    def run_all(model, data, out, read, write):
+        """Each step's (samples bytes, summary without its timing and paths)."""
+        seen = []
+        for step in steps:
+            if step == "cut":
+                write(read()[:-20])
+                continue
+            if step == "newline":
+                write(read()[:-1])
+                continue
+            assert main(["--model", model, "--data", data, "--adapter", "canonical", "--scorer", "maze",
+                         "--out", out, "--batch-size", "4", "--max-new-tokens", "16", "--no-progress", *step]) == 0
+            summary = json.loads(storage.read_text(storage.join(out, SUMMARY_FILE)))
+            summary.pop("seconds")
+            for key in ("model", "data"):
+                summary["config"].pop(key)
+            seen.append((read(), summary))
+        return seen
+
+    local_out = str(tmp_path / "local")
+    local_samples = os.path.join(local_out, SAMPLES_FILE)
+    want = run_all(s.hf_dir, s.data_path, local_out, lambda: open(local_samples, "rb").read(),
+                   lambda b: open(local_samples, "wb").write(b))
+    # Resumed: 3 rows, then the 6th regenerated, then nothing generated.
+    assert [(w[1]["resumed_rows"], w[1]["generated_batches"]) for w in want] == [(0, 1), (3, 2), (5, 1), (6, 0)]
+    with _fake_bucket().install():
+        storage.copy_tree(s.hf_dir, "gs://models/tiny")
+        storage.copy_tree(os.path.dirname(s.data_path), "gs://data/maze")
+        out = "gs://evals/run"
+        got = run_all("gs://models/tiny", "gs://data/maze/" + os.path.basename(s.data_path), out,
+                      lambda: storage.read_bytes(storage.join(out, SAMPLES_FILE)),
+                      lambda b: storage.write_bytes(storage.join(out, SAMPLES_FILE), b))
+        assert sorted(storage.listdir(out)) == [SAMPLES_FILE, SUMMARY_FILE]
+    assert sorted(os.listdir(tmp_path)) == ["local"]
+    for (want_bytes, want_summary), (got_bytes, got_summary) in zip(want, got):
+        assert got_bytes == want_bytes
+        assert got_summary == want_summary
