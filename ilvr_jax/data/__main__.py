@@ -22,7 +22,8 @@ then the count per reason. ``stats`` reports full sequence lengths and patch cou
 below it (absolute otherwise, or always with ``--absolute-paths``). Exit status: 0 on success,
 1 when bad records were found (``validate`` without ``--skip-bad``, or any command that hit a
 bad record under the default "error" policy) or the file holds no records, 2 on bad arguments
-or missing files.
+or missing files. Every path may be local or in cloud storage (``gs://...``, through
+``ilvr_jax.storage``).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ import collections
 import inspect
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+from ilvr_jax import storage
 from ilvr_jax.data.adapters import ADAPTER_NAMES, get_adapter, relative_paths
 from ilvr_jax.data.buckets import AUTO, PATCH_ROUND, round_patches
 from ilvr_jax.data.buckets import resolve as resolve_buckets
@@ -48,9 +52,9 @@ from ilvr_jax.data.segments import SequenceFormat
 
 def _convert(args: argparse.Namespace) -> int:
     adapter = get_adapter(args.adapter)
-    out = os.path.abspath(args.out)
-    out_dir = os.path.dirname(out)
-    os.makedirs(out_dir, exist_ok=True)
+    out = storage.abspath(args.out)
+    out_dir = storage.dirname(out)
+    storage.makedirs(out_dir)
     policy = DropPolicy("skip" if args.skip_bad else "error")
     options = {
         "image_root": args.image_root,
@@ -79,10 +83,20 @@ def _convert(args: argparse.Namespace) -> int:
                 return
             yield rec if args.absolute_paths else relative_paths(rec, out_dir)
 
-    tmp = out + ".tmp"
+    # The output appears whole or not at all: locally through a temporary file beside it and
+    # a rename; a bucket object is uploaded whole from a local temporary file once every
+    # record is written (a failed conversion leaves nothing in the bucket).
+    if storage.is_local(out):
+        tmp = out + ".tmp"
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="ilvr_convert_", suffix=".jsonl")
+        os.close(fd)
     try:
         n = write_jsonl(tmp, limited())
-        os.replace(tmp, out)
+        if storage.is_local(out):
+            os.replace(tmp, out)
+        else:
+            storage.copy_file(tmp, out)
     finally:
         if os.path.exists(tmp):  # a failed conversion leaves no partial output
             os.remove(tmp)
@@ -116,13 +130,9 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
 
 def _check_records(args: argparse.Namespace, *, decode_images: bool):
     """Runs ``RecordChecker`` on every record: (n_records, [(loc, record, size)], [RecordError])."""
-    if not os.path.isfile(args.data):
+    if not storage.isfile(args.data):
         raise SystemExit(_usage_error(f"data file {args.data!r} does not exist"))
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = _tokenizer(args.tokenizer) if args.tokenizer else None
     checker = RecordChecker(
         tokenizer,
         ImageProcessorConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels),
@@ -142,6 +152,13 @@ def _check_records(args: argparse.Namespace, *, decode_images: bool):
             continue
         good.append((loc, rec, size))
     return n, good, bad
+
+
+def _tokenizer(tok_dir: str):
+    """The HF tokenizer of ``tok_dir`` (a bucket directory through a local copy of its files)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(storage.local_copy(tok_dir))
 
 
 def _reason_counts(bad: list[RecordError]) -> dict[str, int]:
@@ -215,9 +232,7 @@ def _stats(args: argparse.Namespace) -> int:
         "dropped": _reason_counts(bad),
     }
     if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tok = _tokenizer(args.tokenizer)
         tokens = [sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in
                       [r["text_input"], r["original_final_answer"]]
                       + [s["content"] for s in r["sequence_plan"] if s["type"] == "text"]) for r in recs]
@@ -254,8 +269,21 @@ def _maze(args: argparse.Namespace) -> int:
     from ilvr_jax.data.maze import generate_maze_dataset
 
     t0 = time.perf_counter()
-    path = generate_maze_dataset(args.out, args.n, args.seed, (args.min_size, args.max_size),
+    # The generator writes local files; a bucket gets a copy, the JSONL after its images.
+    local = args.out if storage.is_local(args.out) else tempfile.mkdtemp(prefix="ilvr_maze_")
+    path = generate_maze_dataset(local, args.n, args.seed, (args.min_size, args.max_size),
                                  hole_prob=args.hole_prob)
+    if local != args.out:
+        storage.makedirs(args.out)
+        name = os.path.basename(path)
+        for entry in sorted(os.listdir(local), key=lambda e: e == name):
+            src, dst = os.path.join(local, entry), storage.join(args.out, entry)
+            if os.path.isdir(src):
+                storage.copy_tree(src, dst)
+            else:
+                storage.copy_file(src, dst)
+        shutil.rmtree(local)
+        path = storage.join(args.out, name)
     dt = time.perf_counter() - t0
     print(f"wrote {args.n} maze records to {path} ({dt:.1f} s, {args.n / max(dt, 1e-9):.1f} records/s)")
     return 0
@@ -318,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecordError as e:
         print(f"error: bad record: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, storage.StorageError) as e:
         return _usage_error(str(e))
 
 

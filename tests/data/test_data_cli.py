@@ -271,3 +271,60 @@ def test_convert_zebra(tmp_path):
                for p in r["image_input"])
     rc, stdout, _ = _cli("validate", "--data", out)
     assert rc == 0 and "3 valid records, 0 bad" in stdout
+
+
+def test_maze_convert_validate_and_stats_on_a_bucket(tok_dir, tmp_path, monkeypatch, capsys):
+    """Every subcommand with its paths on gs:// (in memory, through etils.epath; run in this
+    process, where the bucket lives) reads and writes there what it does locally: the
+    generated mazes and a conversion byte for byte, the same validation and statistics; a
+    failed conversion leaves no object behind."""
+    import importlib.util
+
+    from ilvr_jax import storage
+    from ilvr_jax.data.__main__ import main
+
+    spec = importlib.util.spec_from_file_location(
+        "_fb", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fake_bucket.py"))
+    fake_bucket = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_bucket)
+    monkeypatch.chdir(tmp_path)   # nothing may land in a local folder named after the URI
+    local = tmp_path / "local"
+    stats_args = ["--latent-size", "4", "--max-pixels", str(64 * 28 * 28), "--json"]
+    assert main(["maze", "--out", str(local), "--n", "6", "--seed", "3"]) == 0
+    generated = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert main(["convert", "--adapter", "maze", "--source", str(local), "--out", str(local / "converted.jsonl")]) == 0
+    assert main(["convert", "--adapter", "vsp", "--source", str(local / "data.jsonl"), "--out",
+                 str(tmp_path / "other" / "vsp.jsonl"), "--limit", "3"]) == 0
+    capsys.readouterr()
+    assert main(["stats", "--data", str(local / "data.jsonl"), "--tokenizer", str(tok_dir), *stats_args]) == 0
+    want_stats = json.loads(capsys.readouterr().out)
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = _bad_canonical(bad_dir)
+    with fake_bucket.load().install():
+        storage.copy_tree(str(tok_dir), "gs://models/tok")
+        assert main(["maze", "--out", "gs://d/maze", "--n", "6", "--seed", "3"]) == 0
+        for rel in generated:
+            assert storage.read_bytes(f"gs://d/maze/{rel}") == (local / rel).read_bytes(), rel
+        assert main(["convert", "--adapter", "maze", "--source", "gs://d/maze", "--out",
+                     "gs://d/maze/converted.jsonl"]) == 0
+        assert storage.read_bytes("gs://d/maze/converted.jsonl") == (local / "converted.jsonl").read_bytes()
+        # Images elsewhere keep their absolute paths (here the bucket's).
+        assert main(["convert", "--adapter", "vsp", "--source", "gs://d/maze/data.jsonl", "--out",
+                     "gs://d/other/vsp.jsonl", "--limit", "3"]) == 0
+        assert storage.read_text("gs://d/other/vsp.jsonl") == (tmp_path / "other" / "vsp.jsonl").read_text().replace(
+            str(local), "gs://d/maze")
+        assert not storage.exists("gs://d/maze/converted.jsonl.tmp")
+        capsys.readouterr()
+        assert main(["convert", "--adapter", "comt", "--source", str(bad), "--out", "gs://d/bad/c.jsonl"]) == 1
+        assert f"{bad}:line 2 (id=m)" in capsys.readouterr().err
+        assert not storage.exists("gs://d/bad/c.jsonl")
+        assert main(["validate", "--data", "gs://d/maze/converted.jsonl"]) == 0
+        assert "gs://d/maze/converted.jsonl: 6 valid records, 0 bad" in capsys.readouterr().out
+        assert main(["stats", "--data", "gs://d/maze/data.jsonl", "--tokenizer", "gs://models/tok", *stats_args]) == 0
+        assert json.loads(capsys.readouterr().out) == want_stats
+        with pytest.raises(SystemExit) as e:   # as a missing local file
+            main(["validate", "--data", "gs://d/absent.jsonl"])
+        assert e.value.code == 2
+        assert "'gs://d/absent.jsonl' does not exist" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad", "local", "other"]
