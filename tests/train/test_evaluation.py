@@ -68,3 +68,59 @@ def test_adapter_sources_are_converted_for_training_and_evaluation(tmp_path):
     assert ids(os.path.join(wd, "data", "eval", "eval.jsonl")) == ids(eval_src)
     with open(os.path.join(wd, "eval", "step_4", "summary.json")) as f:
         assert json.load(f)["modes"]["normal"]["count"] == 3
+
+
+def test_eval_in_a_bucket_workdir_equals_a_local_run(tmp_path, tiny_dir):
+    """A run whose model directory, maze records and workdir are on gs:// (in memory, through
+    etils.epath; ``bucket_main.py``) with ``train.eval_every`` draws the same held-out mazes
+    into the bucket workdir, writes the same samples and summary there and logs the same
+    accuracy as the same run with local paths (both in one process, the local one first)."""
+    import subprocess
+    import sys
+
+    from ilvr_jax.data import maze
+
+    mazes = os.path.dirname(maze.generate_maze_dataset(str(tmp_path / "mazes"), n=8, seed=0, sizes=(3, 4)))
+    common = [f"--config={runs.STAGE1}:debug", "--config.model.init=hf", "--config.train.num_steps=2",
+              "--config.train.checkpoint_every=2", "--config.train.export_at_end=false",
+              "--config.train.eval_every=2", "--config.data.eval_records=4", "--config.train.eval_max_new_tokens=8",
+              "--config.train.eval_batch_size=4"]
+    local_wd, exported = str(tmp_path / "local"), str(tmp_path / "exported")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bucket_main.py"),
+           str(tmp_path / "checkpoints"), "copy", tiny_dir, "gs://models/tiny", "copy", mazes, "gs://data/mazes",
+           "export", "gs://runs/ev", exported,
+           "--", *common, f"--workdir={local_wd}", f"--config.model.hf_dir={tiny_dir}",
+           f"--config.data.train_path={mazes}",
+           "--", *common, "--workdir=gs://runs/ev", "--config.model.hf_dir=gs://models/tiny",
+           "--config.data.train_path=gs://data/mazes"]
+    cache = str(tmp_path.parent / "jax_compilation_cache")
+    p = subprocess.run(cmd, cwd=str(tmp_path), env=runs.env(cache), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "exported", "local", "mazes"]   # no local "gs:" folder
+    from ilvr_jax.train.metrics import read_tensorboard_scalars
+
+    ref, got = runs.metrics(local_wd), runs.metrics(exported)
+    evals = [r for r in ref if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [2] and [r for r in got if "eval_accuracy" in r] == evals
+    assert [r["loss"] for r in got if "loss" in r] == [r["loss"] for r in ref if "loss" in r]
+    tb = [read_tensorboard_scalars(os.path.join(root, "tensorboard"))["train/eval_accuracy"]
+          for root in (local_wd, exported)]
+    assert tb[0] == tb[1] == {2: evals[0]["eval_accuracy"]}
+
+    def read(root, *parts):
+        with open(os.path.join(root, *parts), "rb") as f:
+            return f.read()
+
+    samples = read(local_wd, "eval", "step_2", "samples.jsonl")
+    assert len(samples.splitlines()) == 4 and read(exported, "eval", "step_2", "samples.jsonl") == samples
+    summaries = [json.loads(read(root, "eval", "step_2", "summary.json")) for root in (local_wd, exported)]
+    for s in summaries:
+        s.pop("seconds")
+    assert summaries[0] == summaries[1] and summaries[0]["modes"]["normal"]["count"] == 4
+    # The held-out mazes and their images, beside each other in the bucket as locally.
+    heldout = os.path.join(local_wd, "data", "eval")
+    files = sorted(os.path.relpath(os.path.join(d, f), heldout) for d, _, fs in os.walk(heldout) for f in fs)
+    assert "eval.jsonl" in files and len(files) > 4
+    for rel in files:
+        assert read(exported, "data", "eval", rel) == read(heldout, rel), rel
+    assert sorted(os.listdir(os.path.join(exported, "data", "eval"))) == sorted(os.listdir(heldout))
