@@ -47,8 +47,12 @@ def config_errors(c: ml_collections.ConfigDict) -> list[str]:
         errs.append(f"train.eval_every needs data.scorer for adapter {c.data.adapter!r} (comt, vsp, maze or zebra)")
     if not c.data.eval_path and c.data.adapter != "maze":
         errs.append("train.eval_every needs data.eval_path (the held-out records)")
-    if c.data.eval_path and not storage.exists(c.data.eval_path):
-        errs.append(f"data.eval_path: {c.data.eval_path} does not exist")
+    if c.data.eval_path:
+        try:
+            if not storage.exists(c.data.eval_path):
+                errs.append(f"data.eval_path: {c.data.eval_path} does not exist")
+        except storage.StorageError as e:   # a bucket path without its storage package
+            errs.append(f"data.eval_path: {e}")
     if int(c.train.eval_max_new_tokens) < 1:
         errs.append(f"train.eval_max_new_tokens must be >= 1, got {c.train.eval_max_new_tokens}")
     return errs

@@ -124,3 +124,29 @@ def test_eval_in_a_bucket_workdir_equals_a_local_run(tmp_path, tiny_dir):
     for rel in files:
         assert read(exported, "data", "eval", rel) == read(heldout, rel), rel
     assert sorted(os.listdir(os.path.join(exported, "data", "eval"))) == sorted(os.listdir(heldout))
+
+
+def test_a_bucket_eval_path_is_looked_up_in_the_bucket(monkeypatch):
+    """``data.eval_path`` on gs://: one config line without a storage package; with the
+    bucket reachable (in memory, through etils.epath) the file is looked up there."""
+    from ilvr_jax import storage
+    from ilvr_jax.train import evaluation
+
+    spec = importlib.util.spec_from_file_location("_stage1", runs.STAGE1)
+    stage1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage1)
+    c = stage1.get_config("debug")
+    c.train.eval_every = 2
+    c.data.eval_path = "gs://b/heldout"
+    monkeypatch.setattr(storage, "_installed", lambda package: False)
+    assert evaluation.config_errors(c) == ["data.eval_path: gs://b/heldout: gs:// paths need gcsfs or tensorflow, "
+                                           "and neither is installed (pip install gcsfs)"]
+    monkeypatch.undo()
+    spec = importlib.util.spec_from_file_location(
+        "_fb", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fake_bucket.py"))
+    fake_bucket = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_bucket)
+    with fake_bucket.load().install():
+        assert evaluation.config_errors(c) == ["data.eval_path: gs://b/heldout does not exist"]
+        storage.write_text("gs://b/heldout/data.jsonl", "")
+        assert evaluation.config_errors(c) == []
