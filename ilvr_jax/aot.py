@@ -53,6 +53,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, "TPU topology (v5p-8, v5e-16, v5p:2x2x1, ...) or GPUs (h100-8); "
                     "default: the preset's")
 flags.DEFINE_bool("json", False, "print the report as one JSON object")
+flags.DEFINE_string("compiler_log", None, "when the step does not fit: write the compiler's whole out-of-memory "
+                    "message (its largest allocations, with shapes and the ops that made them) to this file")
 flags.DEFINE_bool("generate", False, "check the evaluation's generation (prefill + the compiled decode loop "
                   "of train.eval_batch_size rows, data.max_length prompt tokens, train.eval_max_new_tokens new "
                   "ones) instead of the train step")
@@ -208,10 +210,13 @@ def model_config(c):
 
     K = int(c.ilvr.latent_size)
     if c.stage == 2 and c.train.init_from:
-        path = os.path.join(ckpt_lib.run_root(c.train.init_from), MODEL_CONFIG_FILE)
-        if not os.path.isfile(path):
+        from ilvr_jax import storage
+        from ilvr_jax.jsonfile import read_json
+
+        path = storage.join(ckpt_lib.run_root(c.train.init_from), MODEL_CONFIG_FILE)
+        if not storage.isfile(path):
             raise ConfigError(f"train.init_from: {path} does not exist (not a stage-1 workdir)")
-        return ModelConfig.from_hf(path).replace(latent_size=K)
+        return ModelConfig.from_hf(path if storage.is_local(path) else read_json(path)).replace(latent_size=K)
     if c.model.init == "tiny":
         from ilvr_jax import tiny
 
@@ -222,7 +227,9 @@ def model_config(c):
         from ilvr_jax.train import run_model
 
         try:
-            cfg = ModelConfig.from_hf(c.model.hf_dir)
+            from ilvr_jax.checkpoint.hf import read_model_config
+
+            cfg = read_model_config(c.model.hf_dir)   # a local or a gs:// directory
             tok = run_model.load_source_tokenizer(c.model.hf_dir)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.hf_dir: {e}") from None
@@ -396,6 +403,7 @@ def _compile_and_measure(lowered, report: dict, unused_input_bytes=lambda: 0) ->
         m = _OOM_RE.search(msg)
         temps = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
         report.update(compile_s=round(time.time() - t0, 1), fits=False, oom_message=msg.strip().splitlines()[0],
+                      oom_details=msg.strip(),
                       oom_temp_bytes=temps, needed_bytes=None if temps is None else
                       temps + report["state_bytes_per_device"] + report["batch_bytes_per_device"])
         return report
@@ -699,7 +707,14 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    details = report.pop("oom_details", None)
+    if FLAGS.compiler_log and details:
+        from ilvr_jax import storage
+
+        storage.write_text(FLAGS.compiler_log, details + "\n")
     print(json.dumps(report) if FLAGS.json else format_report(config, report), flush=True)
+    if FLAGS.compiler_log and details:
+        print(f"the compiler's whole message: {FLAGS.compiler_log}", flush=True)
     sys.exit(EXIT_FITS if report["fits"] else EXIT_DOES_NOT_FIT)
 
 

@@ -247,15 +247,18 @@ def test_tiny_step_compiles_for_v5e_and_its_numbers_agree(libtpu, stage):
     assert text.splitlines()[-1].startswith("verdict: FITS (peak ") and "of 15.75 GiB per device" in text
 
 
-def test_impossible_setting_reports_does_not_fit(libtpu):
+def test_impossible_setting_reports_does_not_fit(libtpu, tmp_path):
     # 65536 tokens x 4 heads of fp32 attention scores (XLA's attention) are 64 GiB per v5e chip.
+    log = tmp_path / "compiler.txt"
     p = run_aot(f"--config={STAGE1}:debug", *TINY_V5E, "--config.data.max_length=65536",
-                "--config.model.attn_impl=xla")
+                "--config.model.attn_impl=xla", f"--compiler_log={log}")
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stdout + p.stderr
-    last = p.stdout.strip().splitlines()[-1]
-    assert last.startswith("verdict: DOES NOT FIT (needs ") and "of 15.75 GiB per device" in last, p.stdout
+    lines = p.stdout.strip().splitlines()
+    assert lines[-2].startswith("verdict: DOES NOT FIT (needs ") and "of 15.75 GiB per device" in lines[-2], p.stdout
     assert "suggestions:" in p.stdout and "max_length" in p.stdout
+    assert lines[-1] == f"the compiler's whole message: {log}"
+    assert log.read_text().startswith("RESOURCE_EXHAUSTED") and "HBM" in log.read_text()
 
 
 def test_generation_compiles_for_v5e_and_its_cache_counts(libtpu):
@@ -283,3 +286,44 @@ def test_generation_compiles_for_v5e_and_its_cache_counts(libtpu):
     extra_cache = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * (4096 - 64) * 4
     assert reports[1]["peak_bytes"] - reports[0]["peak_bytes"] >= extra_cache, (reports[0]["peak_bytes"],
                                                                                  reports[1]["peak_bytes"], extra_cache)
+
+
+
+def test_model_config_reads_bucket_model_dirs_and_stage1_workdirs_as_local_ones(tmp_path):
+    """``model.hf_dir`` and stage 2's ``train.init_from`` in a gs:// bucket give the
+    ModelConfig the same local directories give (a hub-layout download; a stage-1 workdir's
+    model config)."""
+    from ilvr_jax import aot, storage
+    from ilvr_jax.demo import load_config
+    from ilvr_jax.train.run_model import MODEL_CONFIG_FILE
+
+    hub = _load_test_module("_hub", "hub_download.py")
+    fake_bucket = _load_test_module("_fb", "fake_bucket.py")
+    local = hub.build_hub_download(str(tmp_path / "Qwen2.5-VL-tiny"))
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    c1 = load_config("stage1.py", "debug")
+    c1.model.init, c1.model.hf_dir = "hf", local
+    want = aot.model_config(c1)
+    (stage1 / MODEL_CONFIG_FILE).write_text(json.dumps(want.replace(latent_size=None).to_hf_dict()))
+    c2 = load_config("stage2.py", "debug")
+    c2.train.init_from = str(stage1)
+    want2 = aot.model_config(c2)
+    with fake_bucket.install():
+        storage.copy_tree(local, "gs://models/Qwen2.5-VL-tiny")
+        storage.copy_tree(str(stage1), "gs://runs/stage1")
+        c1.model.hf_dir = "gs://models/Qwen2.5-VL-tiny"
+        c2.train.init_from = "gs://runs/stage1"
+        assert aot.model_config(c1) == want
+        assert aot.model_config(c2) == want2
+        c2.train.init_from = "gs://runs/nothing"
+        with pytest.raises(aot.ConfigError, match="gs://runs/nothing/.* does not exist"):
+            aot.model_config(c2)
+    assert want2.latent_size == int(c2.ilvr.latent_size) and want2.text.vocab_size == want.text.vocab_size
+
+
+def _load_test_module(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), file))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.load()
