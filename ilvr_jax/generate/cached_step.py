@@ -21,6 +21,13 @@ slots), arranged so that nothing in a loop iteration copies the cache:
   again in every iteration.
 
 :func:`decode_cache` converts the cache a prefill wrote; :func:`model_cache` converts back.
+
+The attention stays two batched dots and a softmax: on CPU, elementwise multiply-and-reduce
+products, values stored ``[B * Hkv, hd, T]``, keys stored ``[B * Hkv, T, hd]``, one masked
+matmul per row over all its kv heads, normalising after the value product and an additive
+mask built once per step were all as fast or slower; q/k/v and gate/up kernels concatenated
+before the loop gained 2-5 % at batch 8 only, for a second copy of those weights during
+generation (BENCHMARKS.md, "Latent-mode decoding, tiny model, CPU").
 """
 
 from __future__ import annotations
