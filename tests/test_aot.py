@@ -65,6 +65,7 @@ def test_topology_names_map_to_libtpu_names():
     assert aot.resolve_target("h100-8") == ("gpu", "h100", 8)
     assert aot.preset_target(f"{STAGE1}:v5p_8") == "v5p-8"
     assert aot.preset_target(f"{STAGE1}:v5e_16") == "v5e-16"
+    assert aot.preset_target(f"{STAGE1}:v5e_32") == "v5e-32"
     assert aot.preset_target(f"{STAGE1}:v5p_8_32k") == "v5p-8"
     assert aot.preset_target(f"{STAGE1}:gpu_8") == "h100-8"
     assert aot.preset_target(f"{STAGE1}:debug") is None and aot.preset_target(STAGE1) is None

@@ -83,7 +83,7 @@ def test_every_config_key_is_read_by_the_program():
             else:
                 yield prefix + k
 
-    for preset in ("paper", "demo", "debug", "v5p_8", "v5p_8_32k", "v5e_16", "gpu_8"):
+    for preset in ("paper", "demo", "debug", "v5p_8", "v5p_8_32k", "v5e_16", "v5e_32", "gpu_8"):
         for key in leaves(_config(preset)):
             assert f"c.{key}" in src, f"config key {key} is never read"
 
