@@ -44,22 +44,40 @@ set's size.
 
 Model size and steps: ``--shape study`` (hidden 128, 4 decoder layers, 4 heads / 2 kv
 heads, MLP 256, the tests' ``untied_gqa2`` vision tower with a 128-wide merger, frozen) and
-``--steps 200`` at batch 8 (lr 2e-3, cosine after 20 warm-up steps), one length bucket of
-640 tokens for every method. Measured on the 2-core development host (shared, load 11-15):
-text-only SFT on these mazes reached a training CE of 0.38 after 66 steps with this shape
-and 0.77 with the 64-wide ``untied_gqa2`` at the same cost per step (about 0.3 core-seconds
-of compute per step idle), so the wider model; the compile of each stage (minutes on a loaded
-host, about 30-60 s idle; stage 2's program grows with ``data.max_segments``) costs about as
-much as the 200 steps. The records' question is a short form of ``maze.QUESTION_TEMPLATE``
-(``STUDY_QUESTION``, 73 instead of 236 tokens): a model trained from scratch learns nothing
-from the wording, and the long prompt was half of every sequence. Text-only SFT's run
-took about 5 CPU-minutes in all (200 steps, compile and the 400-maze evaluation; 50 minutes
-of wall time at nice 10 on the loaded host), so about 3-4 minutes on 2 idle cores and the 33
-runs about 2 hours. At this budget text-only SFT did NOT beat chance (7.5 % against 9.0 %
-for the best constant answer, seed 0): its answers name the right start cell in 5 % of the
-mazes, i.e. the model does not read the board yet (the table's "start cell read" column
-shows this for every method); more steps, or a trainable vision tower, are what the next
-budget should try (``--steps``; the chance check prints a warning line until it clears).
+``--steps 1200`` at batch 8 (lr 2e-3, cosine after 20 warm-up steps), one length bucket of
+640 tokens for every method. The boards are drawn with 28-pixel cells (``--cell-px``: one
+merged vision token per cell) and each cell's row and column drawn into it
+(``maze.render_board(coordinates=True)``; ``--plain-boards`` turns it off). The records'
+question is a short form of ``maze.QUESTION_TEMPLATE`` (``STUDY_QUESTION``, 73 instead of
+236 tokens): a model trained from scratch learns nothing from the wording, and the long
+prompt was half of every sequence.
+
+How that budget was chosen (text-only SFT, seed 0, 50 test mazes per size, on the shared
+2-core host, 2026-12-01; "start read" = the first move names the true start cell):
+
+| boards | vision tower | steps | train mazes | accuracy | start read | final CE |
+|---|---|---|---|---|---|---|
+| 32-px cells (a token straddles cells) | frozen | 200 | 1000 | 7.5 % | 5 % | 0.19 |
+| 28-px cells | frozen | 400 | 1000 | 11.0 % | 18.5 % | 0.094 |
+| 28-px cells | trained | 400 | 1000 | 8.5 % | 6.0 % | 0.098 |
+| 28-px cells | frozen | 1200 | 1000 | 11.5 % | 48.5 % | 0.053 |
+| 28-px cells | frozen | 1200 | 3000 | 9.0 % | 28.5 % | 0.065 |
+
+Chance is 7.6 % there (random moves of the true length). Aligning a cell with a vision
+token and more steps taught the model to find the start cell, but not to plan: its answers
+walk a stock shape (right, right, down, ...) from the start, because it cannot say where
+the goal or the holes are. Nothing in the model gives a cell's absolute coordinates: a
+patch's features depend on its pixels only and RoPE carries relative positions in the
+attention scores, not in the values, so writing "(2, 3)" for a cell means learning to
+count tokens, which a pretrained Qwen2.5-VL has learned and a 4-layer model trained for
+minutes has not. Drawing each cell's row and column into the cell puts the coordinates in
+the patch itself; it does the same for every method. Training the vision tower did not help
+at 400 steps, and 3000 mazes learned more slowly per step than 1000. One 1200-step text-only
+run takes about 10 CPU-minutes (about 0.5 core-seconds a step at 2 processes per 2 cores),
+a two-stage run more (stage 1 runs the teacher on the helper images), so the 33 runs take
+about 4-5 hours on 2 idle cores, more than the 2 hours aimed at; ``--steps`` and
+``--test-per-size`` trade it down. The chance check prints a warning line until text-only
+SFT clears chance by 10 points.
 
 Several invocations of the same command may share one study directory (e.g. one per free
 core): each run is claimed with ``runs/METHOD/seedN/owner.pid`` while it trains.
@@ -156,7 +174,7 @@ def grid_cell(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    steps: int = 200
+    steps: int = 1200
     batch: int = 8
     lr: float = 2e-3
     train_records: int = 1000
@@ -170,6 +188,9 @@ class Budget:
     buckets: str = "640"           # data.buckets: one length for every method, one compile per stage
     max_length: int = 640          # holds the longest record of every variant (K=16: 559 tokens)
     max_new_tokens: int = 0        # 0: room for the longest test answer
+    cell_px: int = 28              # board cell size: 28 = one merged vision token per cell
+    board_coordinates: bool = True  # each cell's row and column drawn in it (maze.render_board)
+    train_vision: bool = False     # train the vision tower too (optim.frozen = ())
 
 
 # The smoke test: one fixed bucket, 3x3 mazes of at most 2 moves (stage 2's compiled program
@@ -221,10 +242,10 @@ def build_data(data_dir: str, budget: Budget) -> dict[str, str]:
                     break
     for r in train + test:
         r["text_input"] = STUDY_QUESTION.format(rows=len(r["map_desc"]), cols=len(r["map_desc"][0]))
-        maze.write_record_images(r, data_dir)
+        maze.write_record_images(r, data_dir, cell_px=budget.cell_px, coordinates=budget.board_coordinates)
     single = [maze.single_latent_record(r, f"images/{r['id']}/path.png") for r in train]
     for r in single:
-        maze.write_path_image(r, data_dir)
+        maze.write_path_image(r, data_dir, cell_px=budget.cell_px, coordinates=budget.board_coordinates)
     for key, recs in (("interleaved", train), ("text", [maze.text_only_record(r) for r in train]),
                       ("single", single), ("test", test)):   # the test file last: its presence means done
         write_jsonl(paths[key] + ".tmp", recs)
@@ -294,6 +315,7 @@ def stage_config(stage: int, method: Method, budget: Budget, seed: int, train_pa
     c.optim.lr = budget.lr
     c.optim.warmup_steps = max(1, min(20, steps // 10))
     c.optim.schedule = "cosine"
+    c.optim.frozen = () if budget.train_vision else ("visual/.*",)
     c.train.num_steps = steps
     c.train.log_every = max(1, steps // 6)
     c.train.checkpoint_every = max(1, steps // 4)   # a killed study loses at most a quarter of a stage
@@ -803,6 +825,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--train-records", type=int, default=None)
     ap.add_argument("--test-per-size", type=int, default=None)
+    ap.add_argument("--cell-px", type=int, default=None, help="board cell size in pixels (28: one vision token)")
+    ap.add_argument("--train-vision", action="store_true", default=None, help="train the vision tower too")
+    ap.add_argument("--plain-boards", action="store_true", help="boards without their cells' coordinates drawn in")
     ap.add_argument("--report", action="store_true", help="only aggregate the finished runs (table, plot, JSON)")
     ap.add_argument("--list", action="store_true", help="list the methods and exit")
     return ap.parse_args(argv)
@@ -818,7 +843,9 @@ def main(argv=None) -> int:
         return 0
     budget = QUICK if args.quick else Budget()
     over = {k: v for k, v in (("steps", args.steps), ("shape", args.shape), ("lr", args.lr),
-                              ("train_records", args.train_records), ("test_per_size", args.test_per_size))
+                              ("train_records", args.train_records), ("test_per_size", args.test_per_size),
+                              ("cell_px", args.cell_px), ("train_vision", args.train_vision),
+                              ("board_coordinates", False if args.plain_boards else None))
             if v is not None}
     if args.seeds:
         over["seeds"] = tuple(int(s) for s in args.seeds.split(","))

@@ -287,9 +287,20 @@ def plan_texts(map_desc, moves: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def render_board(map_desc, agent: tuple[int, int] | None = None, cell_px: int = 32):
+def coordinate_shade(index: int) -> tuple[int, int, int]:
+    """The grey of row / column ``index`` in a board drawn with ``coordinates`` (8 levels)."""
+    v = (index % 8) * 36
+    return (v, v, v)
+
+
+def render_board(map_desc, agent: tuple[int, int] | None = None, cell_px: int = 32, *,
+                 coordinates: bool = False):
     """PIL RGB image of the board: one ``cell_px`` square per cell, grid lines, a gold square
-    in the goal cell and a red disc on the agent's cell (if given)."""
+    in the goal cell and a red disc on the agent's cell (if given). With ``coordinates`` each
+    cell also carries its own position: a strip along its top edge in the grey of its row and
+    one along its left edge in the grey of its column (:func:`coordinate_shade`), so a model
+    trained from scratch can read where a cell is from the cell alone (a vision tower's patch
+    features, and RoPE's relative positions, do not carry absolute coordinates)."""
     from PIL import Image, ImageDraw
 
     rows, cols = check_map(map_desc)
@@ -304,6 +315,10 @@ def render_board(map_desc, agent: tuple[int, int] | None = None, cell_px: int = 
                 q = cell_px // 3
                 draw.rectangle([x0 + q, y0 + q, x0 + cell_px - 1 - q, y0 + cell_px - 1 - q],
                                fill=_GOAL_MARK)
+            if coordinates:
+                w = max(2, cell_px // 8)
+                draw.rectangle([x0 + 1, y0 + 1, x0 + cell_px - 2, y0 + w], fill=coordinate_shade(r))
+                draw.rectangle([x0 + 1, y0 + 1, x0 + w, y0 + cell_px - 2], fill=coordinate_shade(c))
     if agent is not None:
         r, c = agent
         m = max(2, cell_px // 5)
@@ -375,15 +390,17 @@ def make_maze_record(map_desc, record_id: str, image_dir: str, *, cell_px: int =
     return record
 
 
-def write_record_images(record: dict, root: str, *, cell_px: int = 32) -> None:
-    """Renders the question board and one board per move to the record's (root-relative) paths."""
+def write_record_images(record: dict, root: str, *, cell_px: int = 32, coordinates: bool = False) -> None:
+    """Renders the question board and one board per move to the record's (root-relative) paths
+    (``coordinates``: see :func:`render_board`)."""
     map_desc = record["map_desc"]
     moves = parse_answer(record["original_final_answer"])
     cells = path_cells(map_desc, moves)
-    _save_png(render_board(map_desc, cells[0], cell_px), os.path.join(root, record["image_input"][0]))
+    _save_png(render_board(map_desc, cells[0], cell_px, coordinates=coordinates),
+              os.path.join(root, record["image_input"][0]))
     helpers = [s["helper_image"] for s in record["sequence_plan"] if s["type"] == "latent"]
     for path, cell in zip(helpers, cells[1:]):
-        _save_png(render_board(map_desc, cell, cell_px), os.path.join(root, path))
+        _save_png(render_board(map_desc, cell, cell_px, coordinates=coordinates), os.path.join(root, path))
 
 
 def generate_maze_records(n: int, seed: int, sizes: tuple[int, int] = (3, 6), *,
@@ -431,14 +448,14 @@ def generate_maze_dataset(out_dir: str, n: int, seed: int, sizes: tuple[int, int
 _TRAIL = (229, 57, 53)  # the path's line, the agent's colour
 
 
-def render_path_board(map_desc, moves: Sequence[str], cell_px: int = 32):
+def render_path_board(map_desc, moves: Sequence[str], cell_px: int = 32, *, coordinates: bool = False):
     """PIL RGB image of the board with the whole walk drawn on it: a line through the centres
     of the visited cells and the agent's disc on the last one (one picture of the solution,
     the single helper image of a Mirage-style record)."""
     from PIL import ImageDraw
 
     cells = path_cells(map_desc, moves)
-    img = render_board(map_desc, cells[-1], cell_px)
+    img = render_board(map_desc, cells[-1], cell_px, coordinates=coordinates)
     draw = ImageDraw.Draw(img)
     centres = [(c * cell_px + cell_px // 2, r * cell_px + cell_px // 2) for r, c in cells]
     if len(centres) > 1:
@@ -464,11 +481,12 @@ def single_latent_record(record: dict, helper_image: str) -> dict:
     return out
 
 
-def write_path_image(record: dict, root: str, *, cell_px: int = 32) -> None:
+def write_path_image(record: dict, root: str, *, cell_px: int = 32, coordinates: bool = False) -> None:
     """Renders the path board of a :func:`single_latent_record` to its (root-relative) helper
     image path; the moves are read from the record's answer."""
     moves = parse_answer(record["original_final_answer"])
     helpers = [s["helper_image"] for s in record["sequence_plan"] if s["type"] == "latent"]
     if len(helpers) != 1 or moves is None:
         raise ValueError(f"{record.get('id')}: expected one latent step and a \\boxed{{}} move answer")
-    _save_png(render_path_board(record["map_desc"], moves, cell_px), os.path.join(root, helpers[0]))
+    _save_png(render_path_board(record["map_desc"], moves, cell_px, coordinates=coordinates),
+              os.path.join(root, helpers[0]))

@@ -233,3 +233,33 @@ def test_single_latent_record_and_its_path_image(tmp_path):
             assert reddish(arr[rr * 20 + 10, cc * 20 + 10]) == ((rr, cc) in cells), (rr, cc)
     with pytest.raises(ValueError, match="one latent step"):
         maze.write_path_image(rec, str(tmp_path))
+
+
+def test_boards_with_coordinates_carry_each_cells_row_and_column_and_keep_the_rest(tmp_path):
+    """``coordinates=True``: each cell's top strip has the grey of its row and its left strip
+    the grey of its column; the cell's centre (its type and the agent) is as on the plain board."""
+    map_desc = [[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, -1], [0, 0, 0, 2]]
+    px = 28
+    plain = np.asarray(maze.render_board(map_desc, (1, 2), px))
+    coded = np.asarray(maze.render_board(map_desc, (1, 2), px, coordinates=True))
+    assert plain.shape == coded.shape == (4 * px, 4 * px, 3)
+    w = px // 8
+    for r in range(4):
+        for c in range(4):
+            y0, x0 = r * px, c * px
+            top = coded[y0 + 1:y0 + w + 1, x0 + w + 2:x0 + px - 2]
+            left = coded[y0 + w + 2:y0 + px - 2, x0 + 1:x0 + w + 1]
+            assert (top == maze.coordinate_shade(r)).all(), (r, c)
+            assert (left == maze.coordinate_shade(c)).all(), (r, c)
+            centre = (slice(y0 + w + 2, y0 + px - 2), slice(x0 + w + 2, x0 + px - 2))
+            np.testing.assert_array_equal(coded[centre], plain[centre])
+    assert len({maze.coordinate_shade(i) for i in range(8)}) == 8
+    # The records' images and the path image take the option too.
+    rec = maze.make_maze_record(map_desc, "m0", "images/m0")
+    maze.write_record_images(rec, str(tmp_path), cell_px=px, coordinates=True)
+    q = np.asarray(Image.open(tmp_path / "images/m0/question.png").convert("RGB"))
+    np.testing.assert_array_equal(q, np.asarray(maze.render_board(map_desc, (0, 0), px, coordinates=True)))
+    single = maze.single_latent_record(rec, "images/m0/path.png")
+    maze.write_path_image(single, str(tmp_path), cell_px=px, coordinates=True)
+    path = np.asarray(Image.open(tmp_path / "images/m0/path.png").convert("RGB"))
+    assert (path[1:w + 1, px + w + 2:2 * px - 2] == maze.coordinate_shade(0)).all()
