@@ -113,6 +113,7 @@ def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConf
     # Every process of a run writes these files, and they may share the workdir: each builds
     # the directory privately and copies it in file by file, each file whole, so no process
     # reads a file another is halfway through writing.
+    storage.makedirs(tok_dir)
     staging = tempfile.TemporaryDirectory(prefix="ilvr_tokenizer_")
     local = staging.name
     if c.model.init == "tiny":
