@@ -199,31 +199,27 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.data.max_length = 32768
         c.data.batch_size = 8
         c.optim.grad_accum_steps = 2
-    if preset == "v5e_16":
-        # 16 chips, 16 GiB HBM each: fsdp over all 16 chips, full remat.
-        c.mesh.shape = (1, 16, 1)
+    if preset in ("v5e_16", "v5e_32"):
+        # 16 GiB HBM per chip: fsdp over all chips, full remat, 4096-patch budgets (VSP-size
+        # images need far fewer).
         c.mesh.distributed = True
         c.data.batch_size = 64
-        c.optim.grad_accum_steps = 4
         c.data.max_length = 8192
         c.model.remat_policy = "nothing_saveable"
-        # What makes stage 1 fit 15.75 GiB (AOT: peak 14.6 GiB): 4096-patch budgets (VSP-size
-        # images need far fewer) and a bf16 teacher. In bf16 the EMA's 1e-3 steps mostly round
-        # away, so the teacher moves little: close to the released trainer's frozen teacher.
         c.data.max_question_patches = 4096
         c.data.max_helper_patches = 4096
+    if preset == "v5e_16":
+        # 16 chips. What makes stage 1 fit 15.75 GiB (AOT: peak 14.6 GiB): the patch budgets
+        # above and a bf16 teacher. In bf16 the EMA's 1e-3 steps mostly round away, so the
+        # teacher moves little: close to the released trainer's frozen teacher.
+        c.mesh.shape = (1, 16, 1)
+        c.optim.grad_accum_steps = 4
         c.ilvr.teacher_dtype = "bfloat16"
     if preset == "v5e_32":
-        # 32 chips, 16 GiB HBM each: where stage 2 at 8192 tokens fits on v5e (AOT: peak
-        # 13.2 GiB per chip; on 16 chips it needs ~25.9), with an fp32 teacher in stage 1.
+        # 32 chips: where stage 2 at 8192 tokens fits on v5e (AOT: peak 13.2 GiB per chip; on
+        # 16 chips it needs ~25.9), with an fp32 teacher in stage 1.
         c.mesh.shape = (1, 32, 1)
-        c.mesh.distributed = True
-        c.data.batch_size = 64
         c.optim.grad_accum_steps = 2
-        c.data.max_length = 8192
-        c.model.remat_policy = "nothing_saveable"
-        c.data.max_question_patches = 4096
-        c.data.max_helper_patches = 4096
     if preset == "gpu_8":
         c.mesh.shape = (1, 8, 1)
         c.model.attn_impl = "cudnn"
