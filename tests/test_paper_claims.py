@@ -28,6 +28,7 @@ def _run(*args, timeout=900):
                           timeout=timeout, env=dict(env, JAX_PLATFORMS="cpu"))
 
 
+@pytest.mark.slow
 def test_quick_study_runs_every_method_and_writes_table_and_plot(tmp_path):
     study = str(tmp_path / "study")
     p = _run("--quick", "--study-dir", study)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ilvr_jax import ilvr
 from ilvr_jax.ilvr import recurrence
@@ -84,6 +85,7 @@ def test_stage2_tight_windows_equal_full_windows(tiny_setup, tt):
     assert tt.max_abs_diff(p_full, p_tight) <= 1e-5
 
 
+@pytest.mark.slow
 def test_stage2_batch_equals_samples_alone(tiny_setup, tt):
     setup = tiny_setup
     rows = [0, 1, 2, 3]
