@@ -3,11 +3,11 @@
     python benchmarks/stage_cost.py [--batch 8] [--steps 10] [--latent-size 8] [--segments 3]
 
 The batch is real (generated mazes through ``DataPipeline``, ``--segments`` latent segments
-of K = ``--latent-size`` each). Stage 2 runs with the default windows (every text chunk in a
-window of the whole sequence), with the first chunk's window the whole sequence and the
-later ones tight (what ``train.stage2_chunk_len='auto'`` picks from the data), and with
-both tight (the batch's longest first chunk and longest later chunk, see
-``ilvr.recurrence.chunk_bounds``). For each variant: the median
+of K = ``--latent-size`` each). Stage 2 runs with every text chunk in a window of the whole
+sequence (``train.stage2_chunk_len='0,0'``), with the first chunk's window the whole
+sequence and the later ones tight, and with both tight (the batch's longest first chunk
+and longest later chunk, see ``ilvr.recurrence.chunk_bounds``; what
+``train.stage2_chunk_len='auto'`` picks from the data, up to its rounding to 16). For each variant: the median
 step time, its ratio to stage 1, and the temporaries of the compiled step
 (``memory_analysis``).
 """

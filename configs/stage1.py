@@ -108,8 +108,8 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("train.loss_normalization", "sample", "'sample': the reference's mean over samples of token-mean CE; "
                                            "'token': HF's token mean"),
     ("train.stage2_chunk_len", "auto", "stage 2: window widths of the latent recurrence's text chunks: 'auto' "
-                                       "(the first chunk in a window of the sequence, later chunks in the data's "
-                                       "longest later chunk: about one forward) or 'FIRST,REST' (0 = the sequence "
+                                       "(the first chunk in a window of the data's longest first chunk, later "
+                                       "chunks in its longest later chunk: about one forward) or 'FIRST,REST' (0 = the sequence "
                                        "length, always valid but about M+1 forwards)"),
     # mesh
     ("mesh.shape", (1, -1, 1), "(data, fsdp, tensor) device mesh; -1 = all remaining devices"),

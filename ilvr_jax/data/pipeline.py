@@ -193,7 +193,11 @@ def pipeline_fingerprint(items: Sequence[IndexedRecord], buckets: Sequence[Bucke
     for it in items:
         # Absolute image paths below the root become relative to it, as relative ones already are.
         rec = relative_paths(it.record, it.root) if it.root is not None else it.record
-        entry = [it.source, it.line, rec, dataclasses.astuple(it.size), it.bucket]
+        # The first chunk's length follows from the content: left out, so iterator states
+        # saved before the size carried it still restore.
+        size = [v for f, v in zip(dataclasses.fields(it.size), dataclasses.astuple(it.size))
+                if f.name != "first_chunk_len"]
+        entry = [it.source, it.line, rec, size, it.bucket]
         h.update(json.dumps(entry, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

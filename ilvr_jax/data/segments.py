@@ -234,6 +234,9 @@ class SampleSize:
     # Stage 2 runs the text between latent segments as chunks (``ilvr.recurrence``): the
     # longest chunk after the first (0 without segments; None without a tokenizer).
     later_chunk_len: int | None = None
+    # ... and the first chunk: up to and including the first <|latent_start|> (the whole
+    # sequence without segments; None without a tokenizer).
+    first_chunk_len: int | None = None
 
 
 def later_chunk_length(latent_starts: np.ndarray, latent_size: int, seq_len: int) -> int:
@@ -243,6 +246,12 @@ def later_chunk_length(latent_starts: np.ndarray, latent_size: int, seq_len: int
     starts = [int(p) + latent_size + 1 for p in latent_starts]
     ends = [int(p) + 1 for p in latent_starts[1:]] + [int(seq_len)]
     return max((e - s for s, e in zip(starts, ends)), default=0)
+
+
+def first_chunk_length(latent_starts: np.ndarray, seq_len: int) -> int:
+    """The first text chunk's length: up to and including the first ``<|latent_start|>``,
+    the whole sequence without segments (chunk 0 of ``ilvr.recurrence.chunk_bounds``)."""
+    return int(latent_starts[0]) + 1 if len(latent_starts) else int(seq_len)
 
 
 def question_paths(rec: Mapping[str, Any], root) -> list[str]:
@@ -267,11 +276,12 @@ def measure_record(
     (``tokenizer`` None: patch counts only, ``seq_len`` None)."""
     q_grids = [proc.image_grid_thw(*_size(p, where), image_cfg) for p in question_paths(rec, root)]
     h_grids = [proc.image_grid_thw(*_size(p, where), image_cfg) for p in helper_paths(rec, root)]
-    seq_len = later = None
+    seq_len = later = first = None
     if tokenizer is not None:
         tok = tokenize_record(rec, tokenizer, q_grids, fmt, ids=ids, where=where)
         seq_len = len(tok.input_ids)
         later = later_chunk_length(tok.latent_starts, fmt.latent_size, seq_len)
+        first = first_chunk_length(tok.latent_starts, seq_len)
     return SampleSize(
         seq_len=seq_len,
         num_question_images=len(q_grids),
@@ -279,6 +289,7 @@ def measure_record(
         num_segments=len(h_grids),
         helper_patches=sum(proc.num_patches(g) for g in h_grids),
         later_chunk_len=later,
+        first_chunk_len=first,
     )
 
 

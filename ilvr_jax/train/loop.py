@@ -287,18 +287,22 @@ STAGE2_WINDOW_ROUND = 16
 AOT_LATER_CHUNK = 256   # stage2_chunk_len='auto' without data (the AOT check): later chunks this long
 
 
-def stage2_windows(text, later_chunk_len: int | None) -> tuple[int | None, int | None]:
+def stage2_windows(text, later_chunk_len: int | None,
+                   first_chunk_len: int | None = None) -> tuple[int | None, int | None]:
     """``train.stage2_chunk_len`` -> the recurrence's (first, rest) windows (None = the
-    sequence length). "auto": the first chunk in a window of the sequence, the later ones
-    in the data's longest later chunk (``later_chunk_len``, from the record sizes) rounded
-    up to a multiple of 16, so the step costs about one forward and every batch fits.
+    sequence length). "auto": the first chunk in a window of the data's longest first
+    chunk (``first_chunk_len``; the sequence length when None), the later ones in the
+    data's longest later chunk (``later_chunk_len``), each rounded up to a multiple of 16
+    (from the record sizes), so the step costs about one forward and every batch fits.
     "FIRST,REST": given widths, 0 = the sequence length."""
     text = str(text).strip()
     if text == "auto":
         if later_chunk_len is None:
             later_chunk_len = AOT_LATER_CHUNK
         rest = -(-max(int(later_chunk_len), 1) // STAGE2_WINDOW_ROUND) * STAGE2_WINDOW_ROUND
-        return None, rest
+        first = None if first_chunk_len is None else \
+            -(-max(int(first_chunk_len), 1) // STAGE2_WINDOW_ROUND) * STAGE2_WINDOW_ROUND
+        return first, rest
     parts = [p.strip() for p in text.strip("()[]").split(",") if p.strip()]
     try:
         widths = [int(p) for p in parts]
@@ -311,9 +315,11 @@ def stage2_windows(text, later_chunk_len: int | None) -> tuple[int | None, int |
 
 
 def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig,
-                later_chunk_len: int | None = None) -> step_lib.StepConfig:
-    """The compiled step's settings from the config. ``later_chunk_len``: the data's longest
-    stage-2 text chunk after the first (for ``train.stage2_chunk_len='auto'``)."""
+                later_chunk_len: int | None = None, first_chunk_len: int | None = None
+                ) -> step_lib.StepConfig:
+    """The compiled step's settings from the config. ``later_chunk_len`` /
+    ``first_chunk_len``: the data's longest stage-2 text chunk after the first, and its
+    longest first chunk (for ``train.stage2_chunk_len='auto'``)."""
     return step_lib.StepConfig(
         model=model_cfg,
         stage=int(c.stage),
@@ -332,7 +338,7 @@ def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig,
         frozen_patterns=tuple(c.optim.frozen),
         nan_policy=c.train.nan_policy,
         loss_normalization=c.train.loss_normalization,
-        stage2_chunk_len=stage2_windows(c.train.stage2_chunk_len, later_chunk_len),
+        stage2_chunk_len=stage2_windows(c.train.stage2_chunk_len, later_chunk_len, first_chunk_len),
         ce_chunk=int(c.model.ce_chunk),
         target_selection=str(c.ilvr.target_selection),
     )
@@ -410,8 +416,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, print
     tx, schedule = opt_lib.make_optimizer(lr=float(c.optim.lr), weight_decay=float(c.optim.weight_decay),
                                           warmup_steps=int(c.optim.warmup_steps), total_steps=total_steps,
                                           clip_norm=float(c.optim.clip_norm), schedule=c.optim.schedule)
+    firsts = [it.size.first_chunk_len for it in pipe.items]
     scfg = step_config(c, model_cfg, later_chunk_len=max(
-        [it.size.later_chunk_len or 0 for it in pipe.items], default=0))
+        [it.size.later_chunk_len or 0 for it in pipe.items], default=0),
+        first_chunk_len=None if not firsts or None in firsts else max(firsts))
     if scfg.stage == 2:
         logger.info("stage-2 text-chunk windows (first, later): %s", scfg.stage2_chunk_len)
 

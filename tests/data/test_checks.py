@@ -49,7 +49,7 @@ def test_good_record_size_is_the_built_sample(tokenizer, root):
     sample = S.build_sample(rec, root, tokenizer, IMG, FMT)
     later = S.later_chunk_length(sample.latent_starts, FMT.latent_size, len(sample.input_ids))
     assert size == S.SampleSize(len(sample.input_ids), 1, len(sample.pixel_values), 1, len(sample.helper_pixel_values),
-                                later)
+                                later, int(sample.latent_starts[0]) + 1)
 
 
 @pytest.mark.parametrize("kw, reason, fragment", [

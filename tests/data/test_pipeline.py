@@ -562,3 +562,28 @@ def test_records_images_tokenizer_and_state_in_a_bucket(data_dir, tok_dir, token
         with pytest.raises(R.RecordError, match=r"helper image 0 'img/h0_0.png' not found \(resolved to "
                                                 r"'gs://data/set/img/h0_0.png'\)"):
             R.load_records("gs://data/set/train.jsonl")
+
+
+def test_fingerprint_is_that_of_sizes_without_the_first_chunk_length(data_dir, tokenizer):
+    """Iterator states saved before the record sizes carried the first chunk's length (a
+    stage-2 window, derived from the tokens) still restore: the fingerprint is the one of
+    the six-field sizes, computed here as it was then."""
+    import dataclasses
+    import hashlib
+
+    pipe = make(data_dir, tokenizer)
+    assert all(it.size.first_chunk_len == S.first_chunk_length(
+        S.build_sample(it.record, it.root, tokenizer, pipe.image_cfg, pipe.cfg.sequence_format).latent_starts,
+        it.size.seq_len) for it in pipe.items)
+    h = hashlib.sha256()
+    order_cfg = {k: v for k, v in pipe.cfg.to_dict().items() if k not in PL.THROUGHPUT_KEYS}
+    h.update(json.dumps(order_cfg, sort_keys=True).encode())
+    h.update(json.dumps([0, 1]).encode())
+    h.update(json.dumps([dataclasses.astuple(b) for b in pipe.buckets]).encode())
+    for it in pipe.items:
+        s = it.size
+        old = [s.seq_len, s.num_question_images, s.question_patches, s.num_segments, s.helper_patches,
+               s.later_chunk_len]
+        rec = PL.relative_paths(it.record, it.root) if it.root is not None else it.record
+        h.update(json.dumps([it.source, it.line, rec, old, it.bucket], sort_keys=True).encode())
+    assert pipe.fingerprint == h.hexdigest()[:16]

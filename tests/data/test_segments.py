@@ -118,12 +118,14 @@ def test_patches_and_grids(tokenizer, root):
     assert (sample.input_ids == pad).sum() == sum(P.num_image_tokens(g) for g in q_grid)
     size = S.measure_record(record(), root, tokenizer, CFG, S.SequenceFormat(latent_size=K))
     later = S.later_chunk_length(sample.latent_starts, K, len(sample.input_ids))
-    assert size == S.SampleSize(len(sample.input_ids), 2, len(q_pv), 2, len(h_pv), later)
+    first = int(sample.latent_starts[0]) + 1
+    assert size == S.SampleSize(len(sample.input_ids), 2, len(q_pv), 2, len(h_pv), later, first)
 
 
 @pytest.mark.parametrize("starts", [[], [7], [3, 20], [3, 15, 40]])
 def test_later_chunk_length_is_the_stage2_recurrence_chunks(starts):
-    """The longest chunk after the first, as ilvr.recurrence.chunk_bounds cuts the sequence."""
+    """The longest chunk after the first and the first chunk, as ilvr.recurrence.chunk_bounds
+    cuts the sequence."""
     from ilvr_jax.ilvr import recurrence
 
     seq_len, k = 60, 4
@@ -135,6 +137,7 @@ def test_later_chunk_length_is_the_stage2_recurrence_chunks(starts):
     lo, hi = recurrence.chunk_bounds(jnp.asarray(ls), jnp.asarray(seg), k, seq_len)
     want = int(np.max(np.asarray(hi - lo)[0, 1:])) if starts else 0
     assert S.later_chunk_length(np.asarray(starts, np.int32), k, seq_len) == want
+    assert S.first_chunk_length(np.asarray(starts, np.int32), seq_len) == int(np.asarray(hi - lo)[0, 0])
 
 
 def test_default_assistant_turn_is_the_plan_alone(tokenizer, root):

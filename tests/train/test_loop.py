@@ -170,7 +170,11 @@ def test_a_run_in_a_bucket_resumes_and_matches_a_local_run(tmp_path, cache_dir):
 def test_stage2_windows_auto_from_the_data_and_given_widths():
     from ilvr_jax.train import loop as loop_lib
 
-    # auto: the first chunk in a window of the sequence, later ones in the data's longest, rounded up
+    # auto: the first chunk in a window of the data's longest first chunk (the sequence when
+    # unknown), later ones in the data's longest, both rounded up to a multiple of 16
+    assert loop_lib.stage2_windows("auto", later_chunk_len=28, first_chunk_len=150) == (160, 32)
+    assert loop_lib.stage2_windows("auto", later_chunk_len=28, first_chunk_len=160) == (160, 32)
+    assert loop_lib.stage2_windows("0,96", later_chunk_len=28, first_chunk_len=150) == (None, 96)
     assert loop_lib.stage2_windows("auto", later_chunk_len=28) == (None, 32)
     assert loop_lib.stage2_windows("auto", later_chunk_len=32) == (None, 32)
     assert loop_lib.stage2_windows("auto", later_chunk_len=0) == (None, 16)     # no segments anywhere
