@@ -20,14 +20,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from ilvr_jax.tiny import TINY_SHAPES, build_tiny_model_dir  # noqa: E402
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Modules holding a ``slow`` test run first (their order kept): under ``pytest -n``
-    (``--dist loadfile`` hands out whole modules) the longest modules start at once instead
-    of leaving one worker busy at the end while the others idle."""
-    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.module.__name__ not in slow)
-
-
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Builds (once per session) and returns a function ``shape -> HF directory``."""
