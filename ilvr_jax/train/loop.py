@@ -299,10 +299,10 @@ def stage2_windows(text, later_chunk_len: int | None,
     if text == "auto":
         if later_chunk_len is None:
             later_chunk_len = AOT_LATER_CHUNK
-        rest = -(-max(int(later_chunk_len), 1) // STAGE2_WINDOW_ROUND) * STAGE2_WINDOW_ROUND
-        first = None if first_chunk_len is None else \
-            -(-max(int(first_chunk_len), 1) // STAGE2_WINDOW_ROUND) * STAGE2_WINDOW_ROUND
-        return first, rest
+        def window(n: int) -> int:
+            return -(-max(int(n), 1) // STAGE2_WINDOW_ROUND) * STAGE2_WINDOW_ROUND
+
+        return (None if first_chunk_len is None else window(first_chunk_len)), window(later_chunk_len)
     parts = [p.strip() for p in text.strip("()[]").split(",") if p.strip()]
     try:
         widths = [int(p) for p in parts]
