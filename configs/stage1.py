@@ -109,8 +109,8 @@ KEYS: tuple[tuple[str, object, str], ...] = (
                                            "'token': HF's token mean"),
     ("train.stage2_chunk_len", "auto", "stage 2: window widths of the latent recurrence's text chunks: 'auto' "
                                        "(the first chunk in a window of the data's longest first chunk, later "
-                                       "chunks in its longest later chunk: about one forward) or 'FIRST,REST' (0 = the sequence "
-                                       "length, always valid but about M+1 forwards)"),
+                                       "chunks in its longest later chunk: about one forward) or 'FIRST,REST' "
+                                       "(0 = the sequence length, always valid but about M+1 forwards)"),
     # mesh
     ("mesh.shape", (1, -1, 1), "(data, fsdp, tensor) device mesh; -1 = all remaining devices"),
     ("mesh.distributed", False, "multi-host: call jax.distributed.initialize() first (TPU pods, GPU clusters)"),
