@@ -96,6 +96,8 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("train.keep_checkpoints", 3, "the newest N checkpoints are kept (0 = all)"),
     ("train.keep_best_metric", "", "'', 'loss', 'ce' or 'sim': also keep the checkpoint with the lowest mean"),
     ("train.async_checkpoints", True, "write checkpoints in the background"),
+    ("train.max_steps_ahead", 2, "the host dispatches at most N steps ahead of the device: a SIGTERM is saved "
+                                 "within about N step times, and at most N batches wait in memory"),
     ("train.nan_policy", "stop", "a non-finite loss or gradient: 'stop' the run or 'skip' the update"),
     ("train.eval_every", 0, "every N steps (and at the end) generate on the held-out split with latents and log "
                             "the accuracy (eval_accuracy); 0 = never"),

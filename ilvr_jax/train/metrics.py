@@ -305,6 +305,13 @@ class KeptStepMetrics:
     def add(self, step: int, metrics: dict[str, jax.Array], extra: Any = None) -> None:
         self._kept.append((step, metrics, extra))
 
+    def wait_for_lag(self, steps_ahead: int) -> None:
+        """Blocks until at most ``steps_ahead`` of the kept steps can still be unfinished:
+        waits for the step ``steps_ahead`` before the newest (steps finish in order), which
+        leaves the device that many steps of queued work, and copies nothing."""
+        if len(self._kept) > steps_ahead:
+            jax.block_until_ready(self._kept[-steps_ahead - 1][1])
+
     def read(self) -> list[tuple[int, dict[str, float | bool], Any]]:
         """``(step, {name: value}, extra)`` of every kept step, oldest first (``finite`` as a
         bool, the rest as floats), with one ``jax.device_get``; the list is then empty."""

@@ -161,6 +161,7 @@ def test_bad_value_fails_with_one_message_before_any_work(tmp_path):
     ({"ilvr.num_candidates": 0}, "ilvr.num_candidates (L) must be >= 1"),
     ({"train.nan_policy": "ignore"}, "train.nan_policy"),
     ({"train.keep_best_metric": "accuracy"}, "train.keep_best_metric"),
+    ({"train.max_steps_ahead": 0}, "train.max_steps_ahead must be >= 1, got 0"),
     ({"data.batch_size": 3, "optim.grad_accum_steps": 2}, "must be divisible by optim.grad_accum_steps"),
     ({"mesh.shape": (1, 1)}, "mesh.shape must be (data, fsdp, tensor)"),
     ({"train.stage2_chunk_len": "0,-1"}, "train.stage2_chunk_len must be 'auto' or 'FIRST,REST'"),

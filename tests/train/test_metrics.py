@@ -103,6 +103,34 @@ def test_kept_step_metrics_are_read_together_in_step_order(monkeypatch):
     assert len(kept) == 0 and kept.read() == [] and calls == [3]
 
 
+def test_kept_step_metrics_bound_how_far_the_host_runs_ahead():
+    """With ``wait_for_lag(2)`` after each dispatched step, every kept step but the newest two
+    has finished; without it the host is several steps ahead of a slow device."""
+    import jax.numpy as jnp
+
+    @jax.jit
+    def slow_step(x):   # ~0.1 s on one CPU core
+        return jax.lax.fori_loop(0, 40, lambda i, a: jnp.tanh(a @ a.T / 512.0), x)
+
+    x = jnp.ones((512, 512)) * 0.01
+    slow_step(x).block_until_ready()    # compiled
+
+    def run(bound: int | None) -> list[int]:
+        """Per dispatched step: how many kept steps are unfinished after the (optional) wait."""
+        kept, a, behind = M.KeptStepMetrics(), x, []
+        for step in range(1, 7):
+            a = slow_step(a)
+            kept.add(step, {"loss": a[0, 0]})
+            if bound is not None:
+                kept.wait_for_lag(bound)
+            behind.append(sum(not m["loss"].is_ready() for _, m, _ in kept._kept))
+        kept.read()
+        return behind
+
+    assert max(run(None)) >= 4        # the measurement can see a host that runs ahead
+    assert max(run(2)) <= 2
+
+
 def test_peak_flops_by_device_kind():
     class Dev:
         device_kind = "NVIDIA H100 80GB HBM3"
