@@ -73,9 +73,9 @@ count tokens, which a pretrained Qwen2.5-VL has learned and a 4-layer model trai
 minutes has not. Drawing each cell's row and column into the cell puts the coordinates in
 the patch itself; it does the same for every method. Training the vision tower did not help
 at 400 steps, and 3000 mazes learned more slowly per step than 1000. On the shared 2-core
-host with one run per core, a 1200-step text-only run took about 76 minutes and a
-two-stage run 62-95 minutes (stage 1 runs the teacher on the helper images; stage 2 makes
-up to 64 one-token latent steps per row), so the 33 runs take about 15 hours on 2 cores,
+host with one run per core, a 1200-step text-only run took about 35 minutes and a
+two-stage run 24-49 minutes (stage 1 runs the teacher on the helper images; stage 2 makes
+up to 64 one-token latent steps per row), so the 33 runs take about 11 hours on 2 cores,
 far more than the 2 hours aimed at; ``--steps``, ``--seeds``, ``--only`` and
 ``--test-per-size`` trade it down. The chance check prints a warning line until text-only
 SFT clears chance by 10 points.
