@@ -918,7 +918,7 @@ def main(argv=None) -> int:
                 log(f"run {i + 1}/{len(todo)} {m.name} seed {seed}: {e}; skipped")
                 continue
             except preemption.Stopped as e:   # SIGTERM / Ctrl-C: the whole study stops (resumable)
-                log(f"run {i + 1}/{len(todo)} {m.name} seed {seed}: {e}; rerun the same command to continue")
+                log(f"run {i + 1}/{len(todo)} {m.name} seed {seed}: {e} (the study stops here)")
                 return e.exit_code
             except Exception as e:   # one failed run must not end the study; it is rerun next time
                 failed.append(f"{m.name} seed {seed}: {type(e).__name__}: {e}")
