@@ -21,6 +21,23 @@ import tempfile
 import time
 
 
+
+def median_step_time(step, state, batch, steps: int):
+    """Median wall seconds of ``steps`` train steps after one untimed step (compilation),
+    each waited for in full (state and metrics); returns it with the last step's metrics."""
+    import jax
+    import numpy as np
+
+    state, m = step(state, batch)
+    jax.block_until_ready((state, m))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), m
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -59,15 +76,8 @@ def main(argv=None) -> None:
         step = step_lib.compile_train_step(scfg, tx, sched)
         mem = step.lower(state, batch).compile().memory_analysis()
         temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-        state, m = step(state, batch)
-        jax.block_until_ready(m)
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, m = step(state, batch)
-            jax.block_until_ready((state, m))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times)), temp, float(m["loss"])
+        seconds, m = median_step_time(step, state, batch, args.steps)
+        return seconds, temp, float(m["loss"])
 
     print(f"tiny untied_gqa2, batch {args.batch} x {s} tokens, K={K}, segments per row {segs.tolist()}, "
           f"tight windows {tight}, {os.cpu_count()} host CPUs, load {os.getloadavg()[0]:.1f}", flush=True)

@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -34,8 +33,8 @@ def main(argv=None) -> None:
     import numpy as np
 
     import paper_claims as pc
+    from stage_cost import median_step_time
     from ilvr_jax.data.pipeline import DataPipeline
-    from ilvr_jax.model import qwen25vl
     from ilvr_jax.train import loop, run_model
     from ilvr_jax.train import optimizer as opt_lib
     from ilvr_jax.train import step as step_lib
@@ -64,16 +63,9 @@ def main(argv=None) -> None:
     for name, scfg in variants:
         state = step_lib.init_train_state(jax.tree.map(jnp.copy, params), tx, scfg, jax.random.PRNGKey(0))
         step = step_lib.compile_train_step(scfg, tx, sched)
-        state, m = step(state, batch)
-        jax.block_until_ready(m)
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, m = step(state, batch)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
+        seconds, m = median_step_time(step, state, batch, args.steps)
         windows = f", windows {scfg.stage2_chunk_len}" if scfg.stage == 2 else ""
-        print(f"{name:50s}{windows:18s} step median {1e3 * np.median(times):8.1f} ms  loss {float(m['loss']):.4f}",
+        print(f"{name:50s}{windows:18s} step median {1e3 * seconds:8.1f} ms  loss {float(m['loss']):.4f}",
               flush=True)
 
 
