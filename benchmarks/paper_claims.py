@@ -44,8 +44,10 @@ set's size.
 
 Model size and steps: ``--shape study`` (hidden 128, 4 decoder layers, 4 heads / 2 kv
 heads, MLP 256, the tests' ``untied_gqa2`` vision tower with a 128-wide merger, frozen) and
-``--steps 1200`` at batch 8 (lr 2e-3, cosine after 20 warm-up steps), one length bucket of
-640 tokens for every method. The boards are drawn with 28-pixel cells (``--cell-px``: one
+``--steps 1200`` at batch 8 (lr 2e-3, cosine after 20 warm-up steps), the length buckets
+taken from the records (``data.buckets='auto'``: powers of two up to 640 tokens; padding
+changes no number, only the cost) and stage 2's latent steps inlined
+(``train.stage2_unroll``). The boards are drawn with 28-pixel cells (``--cell-px``: one
 merged vision token per cell) and each cell's row and column drawn into it
 (``maze.render_board(coordinates=True)``; ``--plain-boards`` turns it off). The records'
 question is a short form of ``maze.QUESTION_TEMPLATE`` (``STUDY_QUESTION``, 73 instead of
@@ -85,8 +87,11 @@ core): each run is claimed with ``runs/METHOD/seedN/owner.pid`` while it trains.
 
 Outputs under ``--study-dir``: ``data/`` (the three record variants and their images),
 ``runs/METHOD/seedN/`` (stage workdirs and the evaluation's samples), ``results/METHOD__seedN.json``
-(one per finished run: a rerun skips it), ``results.json`` (everything, aggregated),
-``table.md`` and ``paper_claims.png``.
+(one per finished run: a rerun skips it; ``--results-dir`` puts them elsewhere, e.g.
+``benchmarks/paper_claims_results/``, where the study behind BENCHMARKS.md keeps its runs, so
+that a study spread over several machines or days adds up), ``results.json`` (everything,
+aggregated), ``table.md`` and ``paper_claims.png``. A result file records its budget; one of
+another budget is left out of the report.
 """
 
 from __future__ import annotations
@@ -186,7 +191,7 @@ class Budget:
     seeds: tuple[int, ...] = (0, 1, 2)
     ablation: str = "zeros"
     max_segments: int = MAX_SEGMENTS  # data.max_segments; longer paths are left out of both sets
-    buckets: str = "640"           # data.buckets: one length for every method, one compile per stage
+    buckets: str = "auto"          # data.buckets: lengths from the records (powers of two up to max_length)
     max_length: int = 640          # holds the longest record of every variant (K=16: 559 tokens)
     max_new_tokens: int = 0        # 0: room for the longest test answer
     cell_px: int = 28              # board cell size: 28 = one merged vision token per cell
@@ -325,6 +330,8 @@ def stage_config(stage: int, method: Method, budget: Budget, seed: int, train_pa
     # Stage 2's later text chunks in windows of the data's longest one (a move's text between
     # two segments; for Mirage's one segment the whole reasoning after it).
     c.train.stage2_chunk_len = "auto"
+    # A segment's K one-token latent steps inlined: a third off stage 2's step on the CPU.
+    c.train.stage2_unroll = True
     return c
 
 
@@ -382,8 +389,9 @@ def eval_run(method: Method, budget: Budget, seed: int, test_path: str, final_di
                     seed=seed, latent_size=method.latent_size, progress=False, out_dir=out_dir)
 
 
-def result_path(study: str, name: str, seed: int) -> str:
-    return os.path.join(study, "results", f"{name}__seed{seed}.json")
+def result_path(results: str, name: str, seed: int) -> str:
+    """``results``: the directory of the per-run result files (``--results-dir``)."""
+    return os.path.join(results, f"{name}__seed{seed}.json")
 
 
 def claim_run(run_dir: str) -> bool:
@@ -410,12 +418,12 @@ def claim_run(run_dir: str) -> bool:
     return False
 
 
-def run_one(study: str, method: Method, budget: Budget, seed: int, paths: dict) -> dict:
+def run_one(study: str, results: str, method: Method, budget: Budget, seed: int, paths: dict) -> dict:
     """Trains and evaluates (method, seed) unless its result file exists; returns the result."""
-    out = result_path(study, method.name, seed)
-    if os.path.isfile(out):
-        with open(out, encoding="utf-8") as f:
-            return json.load(f)
+    out = result_path(results, method.name, seed)
+    done = load_results(results, method.name, dataclasses.replace(budget, seeds=(seed,)))
+    if done:
+        return done[0]
     run_dir = os.path.join(study, "runs", method.name, f"seed{seed}")
     if not claim_run(run_dir):
         raise RunBusy(f"{run_dir} is being run by another invocation")
@@ -432,6 +440,7 @@ def run_one(study: str, method: Method, budget: Budget, seed: int, paths: dict) 
                if line.strip()]
     correct = {m: {r["id"]: bool(r["correct"]) for r in samples if r["mode"] == m} for m in summary["modes"]}
     spans = [r["num_latent_spans"] for r in samples if r["mode"] == "normal"]
+    test = [json.loads(line) for line in open(paths["test"], encoding="utf-8") if line.strip()]
     res = {"method": method.name, "seed": seed, "config": dataclasses.asdict(method),
            "budget": dataclasses.asdict(budget),
            "train": {k: v for k, v in tr.items() if k != "final_dir"}, "train_s": t1 - t0, "eval_s": t2 - t1,
@@ -439,6 +448,7 @@ def run_one(study: str, method: Method, budget: Budget, seed: int, paths: dict) 
            "modes": {m: {k: e[k] for k in ("accuracy", "correct", "count", "by_grid", "vs_normal") if k in e}
                      for m, e in summary["modes"].items()},
            "correct": correct, "mean_latent_spans": float(np.mean(spans)) if spans else 0.0,
+           "answers": answer_diagnostics(study, method.name, seed, test),
            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w", encoding="utf-8") as f:
@@ -505,7 +515,32 @@ def answer_diagnostics(study: str, name: str, seed: int, test: list[dict]) -> di
     return {"start_cell_read": start / n, "parsable": parsed / n, **{k: v / n for k, v in ends.items()}}
 
 
-def aggregate(study: str, methods: dict[str, Method], budget: Budget, chance: dict, test_path: str) -> dict:
+def same_budget(a: dict, b: dict) -> bool:
+    """Two budgets (as dicts) train the same runs: equal but for the seeds (keys added to
+    ``Budget`` later take their defaults)."""
+    base = json.loads(json.dumps(dataclasses.asdict(Budget())))
+    a, b = {**base, **json.loads(json.dumps(a))}, {**base, **json.loads(json.dumps(b))}
+    return {k: v for k, v in a.items() if k != "seeds"} == {k: v for k, v in b.items() if k != "seeds"}
+
+
+def load_results(results: str, name: str, budget: Budget) -> list[dict]:
+    """The finished runs of ``name`` at ``budget``'s seeds; a result file of another budget
+    is left out with a log line (a results directory may outlive a change of the budget)."""
+    runs = []
+    for seed in budget.seeds:
+        p = result_path(results, name, seed)
+        if os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                r = json.load(f)
+            if "budget" in r and not same_budget(r["budget"], dataclasses.asdict(budget)):
+                log(f"{p}: trained with another budget; left out")
+                continue
+            runs.append(r)
+    return runs
+
+
+def aggregate(study: str, results: str, methods: dict[str, Method], budget: Budget, chance: dict,
+              test_path: str) -> dict:
     test = [json.loads(line) for line in open(test_path, encoding="utf-8") if line.strip()]
     ids = [r["id"] for r in test]
     grids = {r["id"]: f"{len(r['map_desc'])}x{len(r['map_desc'])}" for r in test}
@@ -513,12 +548,7 @@ def aggregate(study: str, methods: dict[str, Method], budget: Budget, chance: di
     mats: dict[tuple[str, str], np.ndarray] = {}
     out = {"chance": chance, "methods": {}, "grid_names": grid_names, "_mats": mats}
     for name, m in methods.items():
-        runs = []
-        for seed in budget.seeds:
-            p = result_path(study, name, seed)
-            if os.path.isfile(p):
-                with open(p, encoding="utf-8") as f:
-                    runs.append(json.load(f))
+        runs = load_results(results, name, budget)
         entry: dict = {"label": m.label, "seeds_done": [r["seed"] for r in runs], "seeds_planned": list(budget.seeds),
                  "config": dataclasses.asdict(m)}
         if runs:
@@ -543,7 +573,8 @@ def aggregate(study: str, methods: dict[str, Method], budget: Budget, chance: di
             entry["train_s"] = float(np.mean([r["train_s"] for r in runs]))
             entry["eval_s"] = float(np.mean([r["eval_s"] for r in runs]))
             entry["mean_latent_spans"] = float(np.mean([r["mean_latent_spans"] for r in runs]))
-            reads = [d for d in (answer_diagnostics(study, name, r["seed"], test) for r in runs) if d]
+            reads = [d for d in (r.get("answers") or answer_diagnostics(study, name, r["seed"], test)
+                                 for r in runs) if d]
             if reads:
                 entry["answers"] = {k: float(np.mean([d[k] for d in reads])) for k in reads[0]}
             last = [r["train"].get("stage2", r["train"]["stage1"]) for r in runs]
@@ -659,15 +690,10 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def benchmarks_section(agg: dict, budget: Budget, study: str, table: str) -> str:
+def benchmarks_section(agg: dict, budget: Budget, study: str, results: str, table: str) -> str:
     import jax
 
-    runs = []
-    for name, e in agg["methods"].items():
-        for seed in e["seeds_done"]:
-            with open(result_path(study, name, seed), encoding="utf-8") as f:
-                r = json.load(f)
-            runs.append((r["wall_s"], r["load_avg"][0]))
+    runs = [(r["wall_s"], r["load_avg"][0]) for name in agg["methods"] for r in load_results(results, name, budget)]
     planned = sum(len(e["seeds_planned"]) for e in agg["methods"].values())
     total = sum(w for w, _ in runs)
     loads = [x for _, x in runs]
@@ -791,9 +817,9 @@ def plot(agg: dict, path: str) -> str:
     return path
 
 
-def write_report(study: str, methods: dict[str, Method], budget: Budget, paths: dict, chance: dict,
+def write_report(study: str, results: str, methods: dict[str, Method], budget: Budget, paths: dict, chance: dict,
                  wall_s: float | None = None) -> dict:
-    agg = aggregate(study, methods, budget, chance, paths["test"])
+    agg = aggregate(study, results, methods, budget, chance, paths["test"])
     agg["budget"] = dataclasses.asdict(budget)
     if wall_s is not None:
         agg["this_invocation_wall_s"] = wall_s
@@ -804,7 +830,7 @@ def write_report(study: str, methods: dict[str, Method], budget: Budget, paths: 
     agg["chance_warning"] = check_chance(agg)
     agg["claims"] = claim_lines(agg, budget)
     with open(os.path.join(study, "BENCHMARKS_section.md"), "w", encoding="utf-8") as f:
-        f.write(benchmarks_section(agg, budget, study, table))
+        f.write(benchmarks_section(agg, budget, study, results, table))
     mats = agg.pop("_mats")
     with open(os.path.join(study, "results.json.tmp"), "w", encoding="utf-8") as f:
         json.dump(agg, f, indent=1)
@@ -817,6 +843,8 @@ def write_report(study: str, methods: dict[str, Method], budget: Budget, paths: 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study-dir", default="/tmp/paper_claims_study", help="where everything goes (resumable)")
+    ap.add_argument("--results-dir", default="", help="the per-run result files (default STUDY_DIR/results); "
+                    "e.g. a directory kept with the code, so that a study spread over several machines adds up")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: text_sft, ilvr and mirage, 1 seed, 2 steps, tiny sets")
     ap.add_argument("--only", default="", help="comma-separated methods to run (others are only reported)")
@@ -860,6 +888,7 @@ def main(argv=None) -> int:
         return 2
     study = os.path.abspath(args.study_dir)
     os.makedirs(study, exist_ok=True)
+    results = os.path.abspath(args.results_dir or os.path.join(study, "results"))
     saved = os.path.join(study, "budget.json")
     if os.path.isfile(saved):
         with open(saved, encoding="utf-8") as f:
@@ -908,12 +937,12 @@ def main(argv=None) -> int:
         todo = [(m, s) for s in budget.seeds for m in chosen if m.name in HEADLINE] + \
             [(m, s) for s in budget.seeds for m in chosen if m.name not in HEADLINE]
         for i, (m, seed) in enumerate(todo):
-            if os.path.isfile(result_path(study, m.name, seed)):
+            if load_results(results, m.name, dataclasses.replace(budget, seeds=(seed,))):
                 log(f"run {i + 1}/{len(todo)} {m.name} seed {seed}: done before, skipped")
                 continue
             ts = time.time()
             try:
-                res = run_one(study, m, budget, seed, paths)
+                res = run_one(study, results, m, budget, seed, paths)
             except RunBusy as e:
                 log(f"run {i + 1}/{len(todo)} {m.name} seed {seed}: {e}; skipped")
                 continue
@@ -932,8 +961,8 @@ def main(argv=None) -> int:
                 + (f", latents {budget.ablation} {100 * abl['accuracy']:.1f}%" if abl else "")
                 + f"; train {res['train_s']:.0f} s, eval {res['eval_s']:.0f} s, wall {res['wall_s']:.0f} s, "
                   f"load {os.getloadavg()[0]:.1f}")
-            write_report(study, methods, budget, paths, chance, time.time() - t0)
-    agg = write_report(study, methods, budget, paths, chance, time.time() - t0)
+            write_report(study, results, methods, budget, paths, chance, time.time() - t0)
+    agg = write_report(study, results, methods, budget, paths, chance, time.time() - t0)
     print(markdown_table(agg, budget))
     log(f"table {os.path.join(study, 'table.md')}, plot {os.path.join(study, 'paper_claims.png')}, "
         f"results {os.path.join(study, 'results.json')}; {time.time() - t0:.0f} s")

@@ -4,6 +4,7 @@ the results JSON; a rerun skips the finished runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,7 +42,7 @@ def test_quick_study_runs_every_method_and_writes_table_and_plot(tmp_path):
         assert e["seeds_done"] == [0], name
         assert 0.0 <= e["normal"]["low"] <= e["normal"]["accuracy"] <= e["normal"]["high"] <= 1.0, name
         assert set(e["normal"]["by_grid"]) == set(agg["grid_names"])
-        res = json.load(open(paper_claims.result_path(study, name, 0)))
+        res = json.load(open(paper_claims.result_path(os.path.join(study, "results"), name, 0)))
         assert len(res["correct"]["normal"]) == n_test, name
         # The latent methods are also evaluated with their latents zeroed; text-only SFT is not.
         assert ("zeros" in e) == paper_claims.all_methods()[name].uses_latents, name
@@ -109,7 +110,7 @@ def test_each_method_trains_what_it_claims():
             stages.append(paper_claims.stage_config(2, m, b, 0, f"/d/train_{m.data}.jsonl", b.steps // 2))
         total.add(sum(int(c.train.num_steps) for c in stages))
         for c in stages:
-            assert (c.data.batch_size, c.data.buckets, c.data.max_length) == (b.batch, "640", 640), name
+            assert (c.data.batch_size, c.data.buckets, c.data.max_length) == (b.batch, "auto", 640), name
             assert c.ilvr.latent_size == m.latent_size and c.model.tiny_shape == b.shape
         for c in stages:   # one segment at most without interleaving (stage 2 unrolls one chunk per segment)
             assert c.data.max_segments == (8 if m.data == "interleaved" else 1), name
@@ -151,7 +152,7 @@ def test_report_from_finished_runs(tmp_path):
                 json.dump(res, f)
     chance = {k: {"accuracy": 0.1, "answer": "\\boxed{D}", "by_grid": {f"{s}x{s}": 0.1 for s in (3, 4, 5, 6)}}
               for k in ("random_moves", "constant_answer")}
-    agg = paper_claims.write_report(study, methods, b, {"test": os.path.join(study, "data", "test.jsonl")}, chance)
+    agg = paper_claims.write_report(study, study, methods, b, {"test": os.path.join(study, "data", "test.jsonl")}, chance)
     ilvr = agg["methods"]["ilvr"]
     assert ilvr["normal"]["accuracy"] == pytest.approx(0.9) and ilvr["vs_text_sft"]["diff"] == pytest.approx(0.4)
     assert ilvr["vs_text_sft"]["low"] > 0 and ilvr["ablation_change"]["diff"] == pytest.approx(-0.9)
@@ -189,3 +190,16 @@ def test_runs_are_claimed_by_one_invocation_at_a_time(tmp_path):
         other.wait()
     assert paper_claims.claim_run(run)                  # its lock is stale now
     assert open(os.path.join(run, "owner.pid")).read() == str(os.getpid())
+
+
+def test_results_of_another_budget_are_left_out(tmp_path):
+    """A results directory kept across budget changes: only runs of this budget count."""
+    b = paper_claims.Budget(seeds=(0, 1))
+    for seed, steps in ((0, b.steps), (1, b.steps + 1)):
+        with open(paper_claims.result_path(str(tmp_path), "ilvr", seed), "w") as f:
+            json.dump({"seed": seed, "budget": dataclasses.asdict(dataclasses.replace(b, steps=steps))}, f)
+    assert [r["seed"] for r in paper_claims.load_results(str(tmp_path), "ilvr", b)] == [0]
+    # Other seeds and keys unknown to an older result file do not make it another budget.
+    old = {k: v for k, v in dataclasses.asdict(b).items() if k != "cell_px"}
+    assert paper_claims.same_budget(dict(old, seeds=[5]), dataclasses.asdict(b))
+    assert not paper_claims.same_budget(dict(old, lr=1.0), dataclasses.asdict(b))

@@ -101,7 +101,8 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
                               attention_mask: jax.Array, position_ids: jax.Array,
                               latent_starts: jax.Array, segment_mask: jax.Array, K: int, *,
                               chunk_len: int | tuple[int, int] | None = None, dtype=jnp.float32,
-                              remat_policy: str = "none", attn_impl: str | None = None) -> jax.Array:
+                              remat_policy: str = "none", attn_impl: str | None = None,
+                              unroll_latents: bool = False) -> jax.Array:
     """Last-layer hidden states [B, S, D] of the sequence with every latent pad's input
     replaced by the previous position's hidden state (``embeds`` at the pads is ignored).
 
@@ -118,6 +119,11 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
     therefore holds chunk 0's keys/values once, the small buffers once per segment, and one
     gradient accumulator for the parameters, however many segments and latent steps there
     are; each segment and each latent step is rematerialised in the backward.
+
+    ``unroll_latents``: a segment's K latent steps, and the decoder layers inside each, are
+    inlined instead of looped (the same numbers). A one-token step is small, so on CPUs and
+    GPUs the loops' per-iteration overhead is much of its cost; the price is a compiled
+    program that grows with K x layers.
     """
     b, s, d = embeds.shape
     m_max = latent_starts.shape[1]
@@ -128,10 +134,10 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
     rows = jnp.arange(b)[:, None]
     layers_, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
 
-    def run(x, pos_ids, valid, context):
+    def run(x, pos_ids, valid, context, unroll=1):
         h, kv = text_lib.decoder_forward(params_text, cfg, x, pos_ids, valid, dtype=dtype,
                                          remat_policy=remat_policy, attn_impl=attn_impl,
-                                         context=context, return_kv=True)
+                                         context=context, return_kv=True, unroll=unroll)
         return h, kv["k"], kv["v"]
 
     def text_chunk(context, m, c):
@@ -163,7 +169,8 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
             buf_k, buf_v, h_prev = carry
             seen = lat_valid & (jnp.arange(K)[None] < k)                              # earlier latents
             h, nk, nv = run(h_prev[:, None, :].astype(dtype), position_ids[:, rows, lat_pos[:, k][:, None]],
-                            lat_valid[:, k][:, None], list(context) + [(buf_k, buf_v, seen)])
+                            lat_valid[:, k][:, None], list(context) + [(buf_k, buf_v, seen)],
+                            unroll=unroll_latents or 1)
             buf_k = jax.lax.dynamic_update_slice_in_dim(buf_k, nk.astype(buf_k.dtype), k, axis=2)
             buf_v = jax.lax.dynamic_update_slice_in_dim(buf_v, nv.astype(buf_v.dtype), k, axis=2)
             return (buf_k, buf_v, h[:, 0]), h[:, 0]
@@ -171,7 +178,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
         zeros = jnp.zeros((layers_, b, K, kv_heads, head_dim), dtype)
         # Checkpointed: the backward keeps a step's inputs only and recomputes its one-token forward.
         (buf_k, buf_v, _), hs = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), (zeros, zeros, h_last),
-                                             jnp.arange(K, dtype=jnp.int32))
+                                             jnp.arange(K, dtype=jnp.int32), unroll=unroll_latents or 1)
         slots = jnp.where(present[:, None], lat_pos, s)
         return (buf_k, buf_v, lat_valid), slots, jnp.moveaxis(hs, 0, 1)
 

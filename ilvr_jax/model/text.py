@@ -132,7 +132,8 @@ def decoder_layer(h: jax.Array, p: Params, cfg: TextConfig, cos: jax.Array, sin:
 def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, position_ids: jax.Array,
                     attention_mask: jax.Array | None, *, cache: Cache | None = None,
                     slots: jax.Array | None = None, dtype=jnp.float32, remat_policy: str = "none",
-                    attn_impl: str | None = None, context=None, return_kv: bool = False):
+                    attn_impl: str | None = None, context=None, return_kv: bool = False,
+                    unroll: int | bool = 1):
     """The decoder stack on input embeddings.
 
     Args:
@@ -150,6 +151,9 @@ def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, pos
         Not with a cache.
       return_kv: return the new tokens' keys/values (as the context blocks hold them)
         instead of a cache. Not with a cache.
+      unroll: ``lax.scan``'s unroll of the layer loop (True = all layers inline). A scan
+        compiles once per layer stack; unrolling removes the loop's per-layer overhead, which
+        dominates one-token steps of a small model.
 
     Returns:
       (hidden [B, S, D] after the final norm, new cache or None), or with ``return_kv``
@@ -196,7 +200,7 @@ def decoder_forward(params_text: Params, cfg: TextConfig, embeds: jax.Array, pos
     h = sharding.constrain(embeds.astype(dtype), ("batch", "seq", "act_embed"))
     kv_xs = None if cache is None else (cache["k"], cache["v"])
     ctx_xs = None if context is None else [(ck, cv) for ck, cv, _ in context]
-    h, kv_ys = jax.lax.scan(body, h, (params_text["layers"], kv_xs, ctx_xs))
+    h, kv_ys = jax.lax.scan(body, h, (params_text["layers"], kv_xs, ctx_xs), unroll=unroll)
     h = layers.rms_norm(h, params_text["norm"]["scale"], cfg.rms_norm_eps)
     if return_kv:
         return h, {"k": kv_ys[0], "v": kv_ys[1]}

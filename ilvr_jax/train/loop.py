@@ -340,6 +340,7 @@ def step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig,
         nan_policy=c.train.nan_policy,
         loss_normalization=c.train.loss_normalization,
         stage2_chunk_len=stage2_windows(c.train.stage2_chunk_len, later_chunk_len, first_chunk_len),
+        stage2_unroll=bool(c.train.stage2_unroll),
         ce_chunk=int(c.model.ce_chunk),
         target_selection=str(c.ilvr.target_selection),
     )

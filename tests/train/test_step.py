@@ -570,3 +570,17 @@ def test_public_stage_losses_are_what_the_step_minimises(tiny_setup, tt, stage):
     step_grad = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), old_tr, new_tr)
     assert tt.max_abs_diff(step_grad, jax.device_get(trainable)) <= 1e-6 * max(
         float(np.max(np.abs(x))) for x in jax.tree.leaves(step_grad))
+
+
+def test_stage2_unroll_is_read_from_the_config_and_keeps_the_loss(tiny_setup, tt):
+    """``train.stage2_unroll`` reaches the step and inlines the latent steps with the same loss."""
+    from ilvr_jax.demo import load_config
+    from ilvr_jax.train import loop
+
+    c = load_config("stage2.py", "demo")
+    c.train.stage2_unroll = True
+    assert loop.step_config(c, tiny_setup.model_cfg).stage2_unroll is True
+    params, batch = _device(tiny_setup.params), _device(tiny_setup.batch)
+    losses = [float(jax.jit(lambda p, cfg=tt.step_config(tiny_setup, stage=2, stage2_unroll=u):
+                            step_lib.stage2_loss(p, cfg, batch)[0])(params)) for u in (False, True)]
+    assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), losses
