@@ -330,7 +330,7 @@ def stage_config(stage: int, method: Method, budget: Budget, seed: int, train_pa
     # Stage 2's later text chunks in windows of the data's longest one (a move's text between
     # two segments; for Mirage's one segment the whole reasoning after it).
     c.train.stage2_chunk_len = "auto"
-    # A segment's K one-token latent steps inlined: a third off stage 2's step on the CPU.
+    # The recurrence's latent steps and layer loops inlined: a third off stage 2's step on the CPU.
     c.train.stage2_unroll = True
     return c
 

@@ -1,5 +1,6 @@
 """Step time of the paper-claims study's ILVR run: stage 1, and stage 2 with the first text
-chunk in a window of the sequence vs in the window ``train.stage2_chunk_len='auto'`` picks.
+chunk in a window of the sequence vs in the window ``train.stage2_chunk_len='auto'`` picks,
+and with the latent steps inlined (``train.stage2_unroll``).
 
     python benchmarks/study_step_time.py [--study-dir DIR] [--steps 3]
 
@@ -12,6 +13,7 @@ step that compiles).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -44,6 +46,9 @@ def main(argv=None) -> None:
     paths = pc.build_data(os.path.join(args.study_dir, "data"), budget)
     c1 = pc.stage_config(1, method, budget, 0, paths[method.data], 10)
     c2 = pc.stage_config(2, method, budget, 0, paths[method.data], 10)
+    for c in (c1, c2):   # one batch shape that holds every record (the study's buckets vary)
+        c.data.buckets = "512"
+    c2.train.stage2_unroll = False
     work = tempfile.mkdtemp(prefix="study_step_")
     model_cfg, params, tok_dir = run_model.prepare_model(c1, work)
     image_cfg = run_model.image_config(c1, tok_dir)
@@ -59,7 +64,9 @@ def main(argv=None) -> None:
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     variants = [("stage 1", loop.step_config(c1, model_cfg)),
                 ("stage 2, first chunk in the sequence's window", loop.step_config(c2, model_cfg, later)),
-                ("stage 2, 'auto' (the data's longest first chunk)", loop.step_config(c2, model_cfg, later, first))]
+                ("stage 2, 'auto' (the data's longest first chunk)", loop.step_config(c2, model_cfg, later, first)),
+                ("stage 2, 'auto', loops inlined (stage2_unroll)", dataclasses.replace(
+                    loop.step_config(c2, model_cfg, later, first), stage2_unroll=True))]
     for name, scfg in variants:
         state = step_lib.init_train_state(jax.tree.map(jnp.copy, params), tx, scfg, jax.random.PRNGKey(0))
         step = step_lib.compile_train_step(scfg, tx, sched)

@@ -113,9 +113,9 @@ KEYS: tuple[tuple[str, object, str], ...] = (
                                        "(the first chunk in a window of the data's longest first chunk, later "
                                        "chunks in its longest later chunk: about one forward) or 'FIRST,REST' "
                                        "(0 = the sequence length, always valid but about M+1 forwards)"),
-    ("train.stage2_unroll", False, "stage 2: inline each segment's K latent steps and the decoder layers in them "
-                                   "instead of looping (same numbers; faster one-token steps for small models on "
-                                   "CPU/GPU, a program that grows with K x layers)"),
+    ("train.stage2_unroll", False, "stage 2: inline each segment's K latent steps and the decoder layers of the "
+                                   "recurrence instead of looping (same numbers; a third off a small model's CPU "
+                                   "step, a compiled program that grows with K x layers)"),
     # mesh
     ("mesh.shape", (1, -1, 1), "(data, fsdp, tensor) device mesh; -1 = all remaining devices"),
     ("mesh.distributed", False, "multi-host: call jax.distributed.initialize() first (TPU pods, GPU clusters)"),

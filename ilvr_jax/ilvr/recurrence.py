@@ -102,7 +102,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
                               latent_starts: jax.Array, segment_mask: jax.Array, K: int, *,
                               chunk_len: int | tuple[int, int] | None = None, dtype=jnp.float32,
                               remat_policy: str = "none", attn_impl: str | None = None,
-                              unroll_latents: bool = False) -> jax.Array:
+                              unroll: bool = False) -> jax.Array:
     """Last-layer hidden states [B, S, D] of the sequence with every latent pad's input
     replaced by the previous position's hidden state (``embeds`` at the pads is ignored).
 
@@ -120,10 +120,11 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
     gradient accumulator for the parameters, however many segments and latent steps there
     are; each segment and each latent step is rematerialised in the backward.
 
-    ``unroll_latents``: a segment's K latent steps, and the decoder layers inside each, are
-    inlined instead of looped (the same numbers). A one-token step is small, so on CPUs and
-    GPUs the loops' per-iteration overhead is much of its cost; the price is a compiled
-    program that grows with K x layers.
+    ``unroll``: a segment's K latent steps, and the decoder layers of every piece (latent
+    step or text chunk), are inlined instead of looped (the same numbers). The pieces are
+    small (one token, or a chunk's window), so on CPUs and GPUs the loops' per-iteration
+    overhead is much of their cost; the price is a compiled program that grows with
+    K x layers.
     """
     b, s, d = embeds.shape
     m_max = latent_starts.shape[1]
@@ -148,7 +149,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
         inside = pos < jnp.take(ends, m, axis=1)[:, None]
         pos_c = jnp.minimum(pos, s - 1)
         valid = inside & valid_tok[rows, pos_c]
-        h, k, v = run(embeds[rows, pos_c], position_ids[:, rows, pos_c], valid, context)
+        h, k, v = run(embeds[rows, pos_c], position_ids[:, rows, pos_c], valid, context, unroll=unroll or 1)
         last = jnp.clip(jnp.take(ends, m, axis=1) - 1 - lo, 0, c - 1)
         return (k, v, valid), jnp.where(inside, pos_c, s), h, h[jnp.arange(b), last]
 
@@ -170,7 +171,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
             seen = lat_valid & (jnp.arange(K)[None] < k)                              # earlier latents
             h, nk, nv = run(h_prev[:, None, :].astype(dtype), position_ids[:, rows, lat_pos[:, k][:, None]],
                             lat_valid[:, k][:, None], list(context) + [(buf_k, buf_v, seen)],
-                            unroll=unroll_latents or 1)
+                            unroll=unroll or 1)
             buf_k = jax.lax.dynamic_update_slice_in_dim(buf_k, nk.astype(buf_k.dtype), k, axis=2)
             buf_v = jax.lax.dynamic_update_slice_in_dim(buf_v, nv.astype(buf_v.dtype), k, axis=2)
             return (buf_k, buf_v, h[:, 0]), h[:, 0]
@@ -178,7 +179,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
         zeros = jnp.zeros((layers_, b, K, kv_heads, head_dim), dtype)
         # Checkpointed: the backward keeps a step's inputs only and recomputes its one-token forward.
         (buf_k, buf_v, _), hs = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), (zeros, zeros, h_last),
-                                             jnp.arange(K, dtype=jnp.int32), unroll=unroll_latents or 1)
+                                             jnp.arange(K, dtype=jnp.int32), unroll=unroll or 1)
         slots = jnp.where(present[:, None], lat_pos, s)
         return (buf_k, buf_v, lat_valid), slots, jnp.moveaxis(hs, 0, 1)
 

@@ -83,7 +83,7 @@ class StepConfig:
     nan_policy: str = "stop"           # "stop": report non-finite loss; "skip": also keep the old state
     loss_normalization: str = "sample"  # "sample" (the reference) or "token"
     stage2_chunk_len: int | tuple | None = None  # stage-2 text-chunk windows (see ilvr.recurrence)
-    stage2_unroll: bool = False        # inline the latent steps and their layers (see ilvr.recurrence)
+    stage2_unroll: bool = False        # inline the latent steps and the layer loops (see ilvr.recurrence)
     ce_chunk: int = 1024               # CE over this many tokens at a time (no [B,S,V] logits); 0: full logits
     target_selection: str = "teacher"  # latent targets: "teacher" (ILVR), "random" or "mean_pool" (baselines)
 
@@ -228,7 +228,7 @@ def student_stage2(params: Params, cfg: StepConfig, batch: Batch, question_feats
         params["text"], cfg.model.text, embeds, batch["attention_mask"], position_ids,
         batch["latent_starts"], batch["segment_mask"], cfg.latent_size, chunk_len=cfg.stage2_chunk_len,
         dtype=cfg.compute_dtype,
-        remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl, unroll_latents=cfg.stage2_unroll)
+        remat_policy=cfg.remat_policy, attn_impl=cfg.attn_impl, unroll=cfg.stage2_unroll)
     return _next_token_ce(params, cfg, hidden, batch["labels"])
 
 

@@ -101,7 +101,7 @@ def test_unrolled_latent_steps_equal_the_naive_recurrence_in_values_and_gradient
         return jnp.sum(fn(p, e) * w * valid)
 
     fast = lambda p, e: recurrence.latent_recurrence_forward(p, tc, e, am, pos, ls, sm, K, chunk_len=(13, 24),
-                                                             unroll_latents=True)
+                                                             unroll=True)
     slow = lambda p, e: naive_recurrence(p, tc, e, am, pos, ls, sm, K)
     h_fast, h_slow = jax.jit(fast)(params["text"], embeds), jax.jit(slow)(params["text"], embeds)
     mask = np.asarray(am).astype(bool)
