@@ -44,6 +44,8 @@ def test_quick_study_runs_every_method_and_writes_table_and_plot(tmp_path):
         assert set(e["normal"]["by_grid"]) == set(agg["grid_names"])
         res = json.load(open(paper_claims.result_path(os.path.join(study, "results"), name, 0)))
         assert len(res["correct"]["normal"]) == n_test, name
+        # One bucket per data variant: its longest record rounded up to 64 (the quick records are short).
+        assert res["train"]["length"] % 64 == 0 and 64 <= res["train"]["length"] < 512, name
         # The latent methods are also evaluated with their latents zeroed; text-only SFT is not.
         assert ("zeros" in e) == paper_claims.all_methods()[name].uses_latents, name
     for key in ("random_moves", "constant_answer"):
@@ -98,7 +100,7 @@ def test_chance_warning(text_acc, low, warns):
 
 
 def test_each_method_trains_what_it_claims():
-    """The stage configs of every method: same steps, batch and length bucket; the baselines'
+    """The stage configs of every method: same steps, batch and length limit; the baselines'
     data variant, targets and loss weights."""
     b = paper_claims.Budget()
     methods = paper_claims.all_methods()
@@ -110,7 +112,8 @@ def test_each_method_trains_what_it_claims():
             stages.append(paper_claims.stage_config(2, m, b, 0, f"/d/train_{m.data}.jsonl", b.steps // 2))
         total.add(sum(int(c.train.num_steps) for c in stages))
         for c in stages:
-            assert (c.data.batch_size, c.data.buckets, c.data.max_length) == (b.batch, "auto", 640), name
+            assert (c.data.batch_size, c.data.buckets, c.data.max_length) == (b.batch, "", 640), name
+            assert c.data.drop_policy == "error"   # no method trains on fewer records
             assert c.ilvr.latent_size == m.latent_size and c.model.tiny_shape == b.shape
         for c in stages:   # one segment at most without interleaving (stage 2 unrolls one chunk per segment)
             assert c.data.max_segments == (8 if m.data == "interleaved" else 1), name
