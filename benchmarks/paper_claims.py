@@ -348,19 +348,25 @@ def fit_length(c, budget: Budget) -> int:
     SFT's records are at most 402 tokens, ILVR's at K = 8 482)."""
     import tempfile
 
-    from ilvr_jax.data.pipeline import DataPipeline
-    from ilvr_jax.train import loop, run_model
-
     c = c.copy_and_resolve_references()
     c.stage, c.data.buckets, c.data.max_length, c.data.drop_policy = 1, "", budget.max_length, "error"
     with tempfile.TemporaryDirectory(prefix="study_lengths_") as tmp:
-        _, _, tok_dir = run_model.prepare_model(c, tmp)
-        image_cfg = run_model.image_config(c, tok_dir)
-        train_path, root = loop.prepare_data(c, tmp)
-        pipe = DataPipeline.from_jsonl(train_path, tok_dir, loop.data_config(c, int(c.data.batch_size), image_cfg),
-                                       root=root, image_cfg=image_cfg)
-        longest = max(it.size.seq_len for it in pipe.items)
+        longest = max(it.size.seq_len for it in stage_pipeline(c, tmp)[3].items)
     return min(budget.max_length, -(-longest // 64) * 64)
+
+
+def stage_pipeline(c, workdir: str):
+    """A stage-1 config's (model config, initial params, tokenizer dir, training pipeline),
+    set up in ``workdir`` as ``loop.train_and_evaluate`` sets them up."""
+    from ilvr_jax.data.pipeline import DataPipeline
+    from ilvr_jax.train import loop, run_model
+
+    model_cfg, params, tok_dir = run_model.prepare_model(c, workdir)
+    image_cfg = run_model.image_config(c, tok_dir)
+    train_path, root = loop.prepare_data(c, workdir)
+    pipe = DataPipeline.from_jsonl(train_path, tok_dir, loop.data_config(c, int(c.data.batch_size), image_cfg),
+                                   root=root, image_cfg=image_cfg)
+    return model_cfg, params, tok_dir, pipe
 
 
 def train_stage(c, workdir: str) -> dict:

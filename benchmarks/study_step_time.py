@@ -36,8 +36,7 @@ def main(argv=None) -> None:
 
     import paper_claims as pc
     from stage_cost import median_step_time
-    from ilvr_jax.data.pipeline import DataPipeline
-    from ilvr_jax.train import loop, run_model
+    from ilvr_jax.train import loop
     from ilvr_jax.train import optimizer as opt_lib
     from ilvr_jax.train import step as step_lib
 
@@ -50,11 +49,7 @@ def main(argv=None) -> None:
         c.data.buckets = "512"
     c2.train.stage2_unroll = False
     work = tempfile.mkdtemp(prefix="study_step_")
-    model_cfg, params, tok_dir = run_model.prepare_model(c1, work)
-    image_cfg = run_model.image_config(c1, tok_dir)
-    train_path, root = loop.prepare_data(c1, work)
-    pipe = DataPipeline.from_jsonl(train_path, tok_dir, loop.data_config(c1, int(c1.data.batch_size), image_cfg),
-                                   root=root, image_cfg=image_cfg)
+    model_cfg, params, _, pipe = pc.stage_pipeline(c1, work)
     batch = {k: jnp.asarray(v) for k, v in next(iter(pipe.iterator())).items()}
     later = max(it.size.later_chunk_len or 0 for it in pipe.items)
     first = max(it.size.first_chunk_len for it in pipe.items)
