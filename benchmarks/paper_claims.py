@@ -42,18 +42,19 @@ Intervals: 95 % percentile bootstrap that resamples both the seeds and the test 
 (the same records for every seed), so they carry the seed-to-seed spread as well as the test
 set's size.
 
-Model size and steps: ``--shape study`` (hidden 128, 4 decoder layers, 4 heads / 2 kv
-heads, MLP 256, the tests' ``untied_gqa2`` vision tower with a 128-wide merger, frozen) and
+Model size and steps: ``--shape study`` (hidden 128, 4 decoder layers, 4 heads / 2 kv heads,
+MLP 256, the tests' ``untied_gqa2`` vision tower with a 128-wide merger, frozen) and
 ``--steps 1200`` at batch 8 (lr 2e-3, cosine after 20 warm-up steps), every batch padded to
-one length per data variant, its longest record rounded up to 64 (``fit_length``: 448
-tokens for text-only SFT, 512 for ILVR at K = 8; padding changes no number, only the cost),
-and stage 2's latent steps inlined (``train.stage2_unroll``). Buckets of several lengths
-(``data.buckets='auto'``) would be cheaper still, but their batches hold records of one
-length class only (a batch of 3x3 mazes, a batch of 6x6 ones): text-only SFT seed 0 trained
-that way read the start cell in 3.5 % of the test mazes and solved 8.8 %, against about
-50 % and 11-17 % with mixed batches. The boards are drawn with 28-pixel cells (``--cell-px``: one
-merged vision token per cell) and each cell's row and column drawn into it
-(``maze.render_board(coordinates=True)``; ``--plain-boards`` turns it off). The records'
+one length per data variant, its longest record rounded up to 64 (``fit_length``: 448 tokens
+for text-only SFT, 512 for ILVR at K = 8; padding is masked, so it changes the computation
+only by rounding, and the cost), and stage 2's latent steps inlined
+(``train.stage2_unroll``). Buckets of several lengths (``data.buckets='auto'``) would be
+cheaper still, but their batches hold records of one length class only (a batch of 3x3
+mazes, a batch of 6x6 ones), a change of the training itself: text-only SFT seed 0 trained
+that way read the start cell in 3.5 % of the test mazes and solved 8.8 %, against 100 % and
+23.0 % with mixed batches (one seed each). The boards are drawn with 28-pixel cells
+(``--cell-px``: one merged vision token per cell) and each cell's row and column drawn into
+it (``maze.render_board(coordinates=True)``; ``--plain-boards`` turns it off). The records'
 question is a short form of ``maze.QUESTION_TEMPLATE`` (``STUDY_QUESTION``, 73 instead of
 236 tokens): a model trained from scratch learns nothing from the wording, and the long
 prompt was half of every sequence.
@@ -344,8 +345,9 @@ def fit_length(c, budget: Budget) -> int:
     """The one bucket of ``budget.buckets="fit"``: the stage's longest training record (image
     pads and latent segments included), rounded up to a multiple of 64, at most
     ``budget.max_length``. Every batch still mixes records of every length, as with one
-    bucket of ``max_length``, and padding changes no number: only the cost falls (text-only
-    SFT's records are at most 402 tokens, ILVR's at K = 8 482)."""
+    bucket of ``max_length``; padding is masked, so the computation changes only by
+    rounding, and the cost falls (text-only SFT's records are at most 402 tokens, ILVR's at
+    K = 8 482)."""
     import tempfile
 
     c = c.copy_and_resolve_references()
