@@ -135,7 +135,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
     rows = jnp.arange(b)[:, None]
     layers_, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
 
-    def run(x, pos_ids, valid, context, unroll=1):
+    def run(x, pos_ids, valid, context):
         h, kv = text_lib.decoder_forward(params_text, cfg, x, pos_ids, valid, dtype=dtype,
                                          remat_policy=remat_policy, attn_impl=attn_impl,
                                          context=context, return_kv=True, unroll=unroll)
@@ -149,7 +149,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
         inside = pos < jnp.take(ends, m, axis=1)[:, None]
         pos_c = jnp.minimum(pos, s - 1)
         valid = inside & valid_tok[rows, pos_c]
-        h, k, v = run(embeds[rows, pos_c], position_ids[:, rows, pos_c], valid, context, unroll=unroll or 1)
+        h, k, v = run(embeds[rows, pos_c], position_ids[:, rows, pos_c], valid, context)
         last = jnp.clip(jnp.take(ends, m, axis=1) - 1 - lo, 0, c - 1)
         return (k, v, valid), jnp.where(inside, pos_c, s), h, h[jnp.arange(b), last]
 
@@ -170,8 +170,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
             buf_k, buf_v, h_prev = carry
             seen = lat_valid & (jnp.arange(K)[None] < k)                              # earlier latents
             h, nk, nv = run(h_prev[:, None, :].astype(dtype), position_ids[:, rows, lat_pos[:, k][:, None]],
-                            lat_valid[:, k][:, None], list(context) + [(buf_k, buf_v, seen)],
-                            unroll=unroll or 1)
+                            lat_valid[:, k][:, None], list(context) + [(buf_k, buf_v, seen)])
             buf_k = jax.lax.dynamic_update_slice_in_dim(buf_k, nk.astype(buf_k.dtype), k, axis=2)
             buf_v = jax.lax.dynamic_update_slice_in_dim(buf_v, nv.astype(buf_v.dtype), k, axis=2)
             return (buf_k, buf_v, h[:, 0]), h[:, 0]
@@ -179,7 +178,7 @@ def latent_recurrence_forward(params_text: Params, cfg: TextConfig, embeds: jax.
         zeros = jnp.zeros((layers_, b, K, kv_heads, head_dim), dtype)
         # Checkpointed: the backward keeps a step's inputs only and recomputes its one-token forward.
         (buf_k, buf_v, _), hs = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), (zeros, zeros, h_last),
-                                             jnp.arange(K, dtype=jnp.int32), unroll=unroll or 1)
+                                             jnp.arange(K, dtype=jnp.int32), unroll=unroll)
         slots = jnp.where(present[:, None], lat_pos, s)
         return (buf_k, buf_v, lat_valid), slots, jnp.moveaxis(hs, 0, 1)
 
