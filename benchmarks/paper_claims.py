@@ -934,10 +934,7 @@ def main(argv=None) -> int:
     if os.path.isfile(saved):
         with open(saved, encoding="utf-8") as f:
             old = json.load(f)
-        mine = json.loads(json.dumps(dataclasses.asdict(budget)))
-        # Keys added to Budget after a study started take their defaults there.
-        old = {**json.loads(json.dumps(dataclasses.asdict(Budget()))), **old}
-        if {k: v for k, v in old.items() if k != "seeds"} != {k: v for k, v in mine.items() if k != "seeds"}:
+        if not same_budget(old, dataclasses.asdict(budget)):
             print(f"error: {saved}: this study was started with another budget ({old}); use the same options "
                   "or another --study-dir", file=sys.stderr)
             return 2
