@@ -32,7 +32,8 @@ from ilvr_jax.evaluate.scorers import SCORERS
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="training workdir, checkpoint step dir, or HF directory")
+    p.add_argument("--model", required=True,
+                   help="training workdir, checkpoint step dir, or HF directory (an export or a stock download)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a training workdir (default: newest)")
     p.add_argument("--teacher", action="store_true", help="use the run's momentum teacher instead of the student")
     p.add_argument("--data", required=True, help="records (JSONL file or the adapter's source)")

@@ -9,7 +9,11 @@ A model is
   directory (tokenizer with the latent tokens, ``preprocessor_config.json`` with the pixel
   budgets the run trained with);
 * an HF Qwen2.5-VL directory (``config.json``, safetensors, tokenizer and
-  ``preprocessor_config.json``), e.g. an export of ``python -m ilvr_jax.convert to-hf``.
+  ``preprocessor_config.json``), e.g. an export of ``python -m ilvr_jax.convert to-hf``, or
+  a stock download. A tokenizer without the latent tokens (a stock download: the baseline
+  before training) gets them as stage 1 adds them (``add_latent_tokens``: the table resized
+  to the tokenizer, new rows the mean of the old ones), so the model is evaluated as
+  training starts from it; its K is then the paper's 8 unless ``--latent-size`` says otherwise.
 
 Weights are read from orbax checkpoints or safetensors only; nothing is unpickled. Paths may
 be local or in cloud storage (``ilvr_jax.storage``).
@@ -18,16 +22,22 @@ be local or in cloud storage (``ilvr_jax.storage``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from ilvr_jax import storage
 from ilvr_jax.data import processor as proc
 from ilvr_jax.data.records import LocatedRecord, read_jsonl
-from ilvr_jax.model.config import ModelConfig
+from ilvr_jax.model.config import LATENT_TOKENS, ModelConfig
+
+logger = logging.getLogger("ilvr_jax")
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # The scorer of each adapter's data set (the canonical layout says nothing about its answers).
 ADAPTER_SCORERS = {"comt": "comt", "vsp": "vsp", "maze": "maze", "zebra": "zebra"}
+# K of a model that has never been trained with latents: the paper's (configs/stage1.py's
+# ilvr.latent_size). It only matters if such a model emits <|latent_start|>.
+STOCK_LATENT_SIZE = 8
 
 
 @dataclasses.dataclass
@@ -40,6 +50,7 @@ class LoadedModel:
     image_cfg: proc.ImageProcessorConfig
     source: str
     tokenizer_dir: str
+    added_latent_tokens: bool = False   # the directory's tokenizer had none (in memory only)
 
 
 def load_tokenizer(tok_dir: str):
@@ -98,7 +109,18 @@ def load_model(model: str, *, step: int | None = None, teacher: bool = False) ->
 
         cfg, params = load_hf_params(model)
         tok_dir = model
-    return LoadedModel(params, cfg, load_tokenizer(tok_dir), image_config(tok_dir), storage.abspath(model), tok_dir)
+    tok = load_tokenizer(tok_dir)
+    missing = [t for t in LATENT_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        from ilvr_jax.checkpoint.latent_tokens import add_latent_tokens
+
+        rows = cfg.text.vocab_size
+        k = cfg.latent_size if cfg.latent_size is not None else STOCK_LATENT_SIZE
+        tok, params, cfg = add_latent_tokens(tok, params, cfg, latent_size=k)
+        logger.warning("%s: the tokenizer has no %s (a model not trained with latents): added as stage 1 adds "
+                       "them, vocabulary %d -> %d rows, K = %d", model, ", ".join(missing), rows,
+                       cfg.text.vocab_size, k)
+    return LoadedModel(params, cfg, tok, image_config(tok_dir), storage.abspath(model), tok_dir, bool(missing))
 
 
 def load_records(data: str, adapter: str, *, work_dir: str | None = None) -> list[LocatedRecord | dict]:

@@ -63,3 +63,57 @@ def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+@pytest.fixture(scope="module")
+def hub_dir(tmp_path_factory):
+    """A directory laid out like a stock hub download: its tokenizer has no latent tokens."""
+    spec = importlib.util.spec_from_file_location(
+        "_hub", os.path.join(os.path.dirname(os.path.dirname(__file__)), "hub_download.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load().build_hub_download(str(tmp_path_factory.mktemp("hub")))
+
+
+def test_stock_download_is_evaluated_as_stage_1_starts_from_it(hub_dir, eval_setup, tmp_path, caplog):
+    """A tokenizer without the latent tokens gets them in memory, as stage 1 adds them: the
+    same ids, the same resized table and head (padding rows dropped, new rows the mean), the
+    same config as ``prepare_model`` writes for a run from that directory; the directory is
+    left as it is, and the evaluation command runs on it."""
+    import jax
+    import numpy as np
+
+    from ilvr_jax.evaluate.__main__ import main
+    from ilvr_jax.evaluate.loading import STOCK_LATENT_SIZE, load_model, load_tokenizer
+    from ilvr_jax.evaluate.run import SAMPLES_FILE, read_samples
+    from ilvr_jax.model.config import LATENT_TOKENS
+    from ilvr_jax.train import run_model
+
+    before = sorted(os.listdir(hub_dir))
+    with caplog.at_level("WARNING", logger="ilvr_jax"):
+        m = load_model(hub_dir)
+    assert m.added_latent_tokens and "the tokenizer has no <|latent_pad|>" in caplog.text
+    assert sorted(os.listdir(hub_dir)) == before
+    assert not any(t in load_tokenizer(hub_dir).get_vocab() for t in LATENT_TOKENS)
+
+    from configs.stage1 import get_config
+
+    c = get_config()   # the published preset: K = 8, the exact vocabulary resize
+    c.model.hf_dir = hub_dir
+    cfg, params, tok_dir = run_model.prepare_model(c, str(tmp_path / "run"))
+    assert int(c.ilvr.latent_size) == STOCK_LATENT_SIZE == m.cfg.latent_size
+    assert m.cfg == cfg
+    tok = load_tokenizer(tok_dir)
+    assert {t: m.tokenizer.convert_tokens_to_ids(t) for t in LATENT_TOKENS} == \
+        {t: tok.convert_tokens_to_ids(t) for t in LATENT_TOKENS}
+    assert len(m.tokenizer) == len(tok) == m.cfg.text.vocab_size
+    got, want = jax.tree.leaves_with_path(m.params), jax.tree.leaves_with_path(params)
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), path
+
+    out = tmp_path / "eval"
+    assert main(["--model", hub_dir, "--data", eval_setup.data_path, "--scorer", "maze", "--out", str(out),
+                 "--batch-size", "4", "--max-new-tokens", "8", "--limit", "4", "--no-progress"]) == 0
+    rows = read_samples(str(out / SAMPLES_FILE))
+    assert len(rows) == 4 and all(r["mode"] == "normal" for r in rows)
