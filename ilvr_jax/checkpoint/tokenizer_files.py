@@ -41,6 +41,25 @@ def chat_template(tok_dir: str, config: dict[str, Any] | None = None) -> str | N
     return None
 
 
+def load_chat_tokenizer(tok_dir: str, error: type[Exception] = ValueError):
+    """The tokenizer of ``tok_dir`` (a cloud directory through a local copy: transformers reads
+    local files only) with its chat template, taken from the template files when the tokenizer
+    config carries none. Failures raise ``error`` with one line naming the directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(storage.local_copy(tok_dir))
+    except Exception as e:  # noqa: BLE001 (transformers raises many kinds; report one line)
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise error(f"{tok_dir}: the tokenizer files cannot be loaded ({type(e).__name__}: {msg})") from None
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = chat_template(tok_dir)
+    if not tok.chat_template:
+        raise error(f"{tok_dir}: no chat template (tokenizer_config.json, chat_template.json and "
+                    "chat_template.jinja have none); ILVR prompts need Qwen2.5-VL's template")
+    return tok
+
+
 def write_hub_tokenizer_config(tok_dir: str) -> None:
     """Rewrites ``tok_dir/tokenizer_config.json`` (and ``chat_template.json``) in the hub's
     layout; see the module docstring. A directory without ``tokenizer.json`` is left alone."""

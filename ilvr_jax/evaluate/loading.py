@@ -55,20 +55,9 @@ class LoadedModel:
 
 def load_tokenizer(tok_dir: str):
     """The tokenizer of ``tok_dir`` with a chat template (one line naming the directory otherwise)."""
-    from transformers import AutoTokenizer
-
     from ilvr_jax.checkpoint import tokenizer_files
 
-    try:
-        tok = AutoTokenizer.from_pretrained(storage.local_copy(tok_dir))
-    except Exception as e:  # noqa: BLE001 (transformers raises many kinds; report one line)
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{tok_dir}: the tokenizer cannot be loaded ({type(e).__name__}: {msg})") from None
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = tokenizer_files.chat_template(tok_dir)
-    if not tok.chat_template:
-        raise ValueError(f"{tok_dir}: the tokenizer has no chat template (Qwen2.5-VL's is needed for prompts)")
-    return tok
+    return tokenizer_files.load_chat_tokenizer(tok_dir)
 
 
 def image_config(tok_dir: str) -> proc.ImageProcessorConfig:

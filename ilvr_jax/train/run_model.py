@@ -67,19 +67,7 @@ def source_dtype(source: dict[str, Any] | None) -> str | None:
 def load_source_tokenizer(src_dir: str):
     """The tokenizer of a model directory, with its chat template (from the processor files
     when the tokenizer config carries none)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(storage.local_copy(src_dir))
-    except Exception as e:  # noqa: BLE001 (transformers raises many kinds; report one line)
-        raise ModelSetupError(f"{src_dir}: the tokenizer files cannot be loaded ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = tokenizer_files.chat_template(src_dir)
-    if not tok.chat_template:
-        raise ModelSetupError(f"{src_dir}: no chat template (tokenizer_config.json, chat_template.json "
-                              "and chat_template.jinja have none); ILVR prompts need Qwen2.5-VL's template")
-    return tok
+    return tokenizer_files.load_chat_tokenizer(src_dir, error=ModelSetupError)
 
 
 def prepare_model(c: ml_collections.ConfigDict, workdir: str) -> tuple[ModelConfig, Any, str]:
